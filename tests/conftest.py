@@ -1,0 +1,35 @@
+"""Shared fixtures: a small real episode file collected from Meta-World, and a runner for train.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_ENV = {"_target_": "toolkit.envs.metaworld.MetaWorldEnv", "task": "drawer-open-v3",
+            "image_size": 32, "max_episode_steps": 12}
+
+
+@pytest.fixture(scope="session")
+def tiny_file(tmp_path_factory) -> Path:
+    """3 real drawer-open episodes of 12 steps at 32 px (the expert does not finish in 12 steps)."""
+    from toolkit.collect import collect
+
+    path = tmp_path_factory.mktemp("data") / "tiny.hdf5"
+    collect(TINY_ENV, path, num_episodes=3, num_envs=1, only_success=False, progress=False)
+    return path
+
+
+def run_train(*overrides: str, root: Path, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python train.py debug=fast` in a subprocess, with data and logs under ``root``."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "debug=fast", f"paths.root_dir={root}", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

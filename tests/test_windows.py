@@ -1,0 +1,61 @@
+"""Windows over episodes: edges are clamped and flagged, nothing leaks across episodes."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader
+
+from toolkit.datamodules.episode_file import episode_names
+from toolkit.datamodules.windows import WindowDataset, window_indices
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(length=st.integers(1, 40), history=st.integers(1, 6), horizon=st.integers(1, 6), data=st.data())
+def test_window_indices_stay_inside_the_episode(length, history, horizon, data):
+    t = data.draw(st.integers(0, length - 1))
+    obs_idx, obs_pad, act_idx, act_pad = window_indices(t, length, history, horizon)
+    assert obs_idx.shape == obs_pad.shape == (history,) and act_idx.shape == act_pad.shape == (horizon,)
+    assert obs_idx.min() >= 0 and act_idx.max() <= length - 1
+    assert obs_idx[-1] == t and act_idx[0] == t and not obs_pad[-1] and not act_pad[0]
+    # pads are exactly the steps before the start / after the end, filled with the edge step
+    assert obs_pad.sum() == max(0, history - 1 - t) and (obs_idx[obs_pad] == 0).all()
+    assert act_pad.sum() == max(0, t + horizon - length) and (act_idx[act_pad] == length - 1).all()
+    # real steps are consecutive
+    assert (np.diff(obs_idx[~obs_pad]) == 1).all() and (np.diff(act_idx[~act_pad]) == 1).all()
+
+
+def test_dataset_windows_match_episode_data(tiny_file):
+    with h5py.File(tiny_file) as f:
+        names = episode_names(f)
+        episodes = {n: {"rgb": f["data"][n]["obs/rgb_corner4"][()], "state": f["data"][n]["obs/state"][()],
+                        "actions": f["data"][n]["actions"][()]} for n in names}
+    ds = WindowDataset(tiny_file, names, ["rgb_corner4", "state"], history=3, horizon=4)
+    assert len(ds) == sum(len(e["actions"]) for e in episodes.values())
+    for i in range(len(ds)):
+        e, t = ds.episodes[ds.ep_of[i]], int(ds.t_of[i])
+        ep, item = episodes[e], ds[i]
+        obs_idx, obs_pad, act_idx, act_pad = window_indices(t, len(ep["actions"]), 3, 4)
+        np.testing.assert_array_equal(item["obs"]["rgb_corner4"].numpy(), ep["rgb"][obs_idx].transpose(0, 3, 1, 2))
+        np.testing.assert_array_equal(item["obs"]["state"].numpy(), ep["state"][obs_idx])
+        np.testing.assert_array_equal(item["action"].numpy(), ep["actions"][act_idx])
+        np.testing.assert_array_equal(item["obs_is_pad"].numpy(), obs_pad)
+        np.testing.assert_array_equal(item["action_is_pad"].numpy(), act_pad)
+    assert item["obs"]["rgb_corner4"].dtype == torch.uint8 and item["obs"]["rgb_corner4"].shape == (3, 3, 32, 32)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+def test_dataloader_workers_read_the_same_batches(tiny_file, num_workers):
+    with h5py.File(tiny_file) as f:
+        names = episode_names(f)
+    ds = WindowDataset(tiny_file, names, ["rgb_corner4", "state"], history=2, horizon=2)
+    reference = [ds[i] for i in range(len(ds))]
+    batches = list(DataLoader(ds, batch_size=5, num_workers=num_workers))
+    got = torch.cat([b["action"] for b in batches])
+    np.testing.assert_array_equal(got.numpy(), np.stack([r["action"].numpy() for r in reference]))
+    rgb = torch.cat([b["obs"]["rgb_corner4"] for b in batches])
+    np.testing.assert_array_equal(rgb.numpy(), np.stack([r["obs"]["rgb_corner4"].numpy() for r in reference]))

@@ -1,0 +1,1 @@
+"""Robot-learning toolkit: swappable encoders and policies as Lightning modules, under Hydra."""

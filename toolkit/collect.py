@@ -1,0 +1,115 @@
+"""Collect demonstrations with an env's expert into an episode file.
+
+    python -m toolkit.collect env.task=door-open-v3 data.num_demos=100
+
+Episodes are written one by one as they finish; an interrupted collection (Ctrl-C, kill) keeps every
+finished episode, and running the same command again continues up to the requested count.
+Episode ``i`` is reset with seed ``data.seed + attempt``: the same command collects the same episodes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.errors import ToolkitError
+
+
+def existing_episodes(path: Path) -> tuple[int, int]:
+    """(number of episodes, next unused seed offset) of an episode file; (0, 0) if it does not exist."""
+    if not path.exists():
+        return 0, 0
+    from toolkit.datamodules.episode_file import episode_names, open_episode_file
+
+    with open_episode_file(path) as f:
+        names = episode_names(f)
+        attempts = [int(f["data"][n].attrs.get("attempt", -1)) for n in names]
+    return len(names), max(attempts, default=-1) + 1
+
+
+def collect(
+    env_cfg: Any,
+    path: str | Path,
+    num_episodes: int,
+    num_envs: int = 2,
+    seed: int = 0,
+    only_success: bool = True,
+    max_attempts: int | None = None,
+    progress: bool = True,
+) -> int:
+    """Collect expert episodes until ``path`` holds ``num_episodes``; returns how many it holds."""
+    from tqdm.auto import tqdm
+
+    from gdict import GDict
+    from toolkit.datamodules.episode_file import EpisodeWriter
+    from toolkit.envs.vector import make_vector_env
+
+    path = Path(path)
+    have, attempt = existing_episodes(path)
+    if have >= num_episodes:
+        return have
+    max_attempts = max_attempts or 2 * num_episodes + 10
+    envs = make_vector_env(env_cfg, num_envs)
+    try:
+        writer = EpisodeWriter(path, envs.call("env_args")[0])
+        bar = tqdm(total=num_episodes, initial=have, desc=f"collecting {path.name}", unit="ep", disable=not progress)
+        steps: list[list[dict]] = [[] for _ in range(num_envs)]
+        env_attempt = np.full(num_envs, -1)
+        rejected = 0
+
+        def start(mask: np.ndarray):
+            nonlocal attempt
+            seeds = []
+            for i in np.flatnonzero(mask):
+                env_attempt[i] = attempt
+                seeds.append(seed + attempt)
+                attempt += 1
+            full = [None] * num_envs
+            for i, s in zip(np.flatnonzero(mask), seeds):
+                full[i] = s
+            obs, _ = envs.reset(seed=full, options={"reset_mask": mask})
+            return obs
+
+        active = np.ones(num_envs, dtype=bool)
+        obs = start(active)
+        while active.any():
+            actions = np.stack(envs.call("expert_action"))
+            next_obs, rewards, terminated, truncated, info = envs.step(actions)
+            for i in np.flatnonzero(active):
+                steps[i].append({"obs": {k: v[i] for k, v in obs.items()}, "actions": actions[i],
+                                 "rewards": np.float32(rewards[i]), "dones": np.uint8(0)})
+            ended = active & (terminated | truncated)
+            for i in np.flatnonzero(ended):
+                success = bool(info["success"][i])
+                if success or not only_success:
+                    if writer.num_episodes < num_episodes:
+                        episode = GDict.stack(steps[i])
+                        episode["dones"][-1] = 1
+                        writer.append(episode, {"success": success, "seed": seed + int(env_attempt[i]),
+                                                "attempt": int(env_attempt[i]), "source": "expert"})
+                        bar.update(1)
+                else:
+                    rejected += 1
+                steps[i] = []
+            # Reset the finished envs that still have an episode to collect; the others go idle.
+            pending = writer.num_episodes + int((active & ~ended).sum())
+            restart = np.zeros(num_envs, dtype=bool)
+            for i in np.flatnonzero(ended):
+                if pending < num_episodes and attempt < max_attempts:
+                    restart[i], pending = True, pending + 1
+                else:
+                    active[i] = False
+            obs = next_obs
+            if restart.any():
+                reset_obs = start(restart)
+                obs = {k: np.where(restart.reshape(-1, *[1] * (v.ndim - 1)), reset_obs[k], v) for k, v in obs.items()}
+        bar.close()
+    finally:
+        envs.close()
+    if writer.num_episodes < num_episodes:
+        raise ToolkitError(f"the expert succeeded in only {writer.num_episodes} of {attempt} attempts "
+                           f"({rejected} failed); {path} keeps the successful ones. Raise max_attempts "
+                           f"or check the task.")
+    return writer.num_episodes

@@ -1,0 +1,72 @@
+"""LightningDataModule over one episode file: windows for training and validation, dataset statistics
+and the shapes a policy needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from toolkit.datamodules.episode_file import episode_names, open_episode_file, read_split
+from toolkit.datamodules.windows import WindowDataset
+from toolkit.errors import ToolkitError
+from toolkit.normalization import compute_stats
+
+
+class EpisodeDataModule(L.LightningDataModule):
+    """Uses the first ``num_demos`` episodes of ``path`` (all if None), split by the file's masks."""
+
+    def __init__(
+        self,
+        path: str,
+        num_demos: int | None = None,
+        history: int = 2,
+        horizon: int = 1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        obs_keys: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.num_demos, self.history, self.horizon = num_demos, history, horizon
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.obs_keys = obs_keys
+        self.train_set: WindowDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        with open_episode_file(self.path) as f:
+            names = episode_names(f)
+            if not names:
+                raise ToolkitError(f"{self.path} holds no episodes")
+            used = set(names[: self.num_demos])
+            train = [n for n in read_split(f, "train") if n in used]
+            valid = [n for n in read_split(f, "valid") if n in used]
+            first_obs = f["data"][names[0]]["obs"]
+            keys = self.obs_keys or sorted(k for k in first_obs if k.startswith("rgb") or k == "state")
+            if "state" not in keys:
+                raise ToolkitError(f"{self.path}: episodes have no obs/state (keys: {list(first_obs)})")
+            self.shape_meta = {
+                "rgb_keys": [k for k in keys if k.startswith("rgb")],
+                "image_shape": {k: list(first_obs[k].shape[1:]) for k in keys if k.startswith("rgb")},
+                "state_dim": int(first_obs["state"].shape[-1]),
+                "action_dim": int(f["data"][names[0]]["actions"].shape[-1]),
+            }
+        if not train:
+            raise ToolkitError(f"{self.path}: no training episodes among the first {self.num_demos}")
+        self.stats = compute_stats(self.path, train, ["obs/state", "actions"])
+        self.train_set = WindowDataset(self.path, train, keys, self.history, self.horizon)
+        self.valid_set = WindowDataset(self.path, valid, keys, self.history, self.horizon) if valid else None
+
+    def _loader(self, dataset: WindowDataset, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, drop_last=shuffle and len(dataset) > self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        # Without validation episodes there is still a validation epoch, so rollouts still run.
+        return self._loader(self.valid_set, shuffle=False) if self.valid_set else []

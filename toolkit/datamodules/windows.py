@@ -1,0 +1,80 @@
+"""Windows over episodes: an observation history of T steps ending at t and an action chunk of H steps
+starting at t. Indices are clamped to the episode's edges (the edge frame repeats) and flagged in
+``*_is_pad``, so a window never reads another episode."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from gdict import GDict
+from toolkit.datamodules.episode_file import episode_length, open_episode_file
+
+
+def window_indices(t: int, length: int, history: int, horizon: int):
+    """Step indices of the window at step ``t`` of an episode of ``length`` steps.
+
+    Returns ``(obs_idx [history], obs_is_pad [history], act_idx [horizon], act_is_pad [horizon])``.
+    """
+    obs_raw = np.arange(t - history + 1, t + 1)
+    act_raw = np.arange(t, t + horizon)
+    obs_idx = np.clip(obs_raw, 0, length - 1)
+    act_idx = np.clip(act_raw, 0, length - 1)
+    return obs_idx, obs_raw != obs_idx, act_idx, act_raw != act_idx
+
+
+class WindowDataset(Dataset):
+    """Samples ``{"obs": {key: [T, ...]}, "obs_is_pad": [T], "action": [H, A], "action_is_pad": [H]}``.
+
+    Images come out channels-first (``[T, 3, H, W]`` uint8). One HDF5 handle per process (each
+    DataLoader worker opens its own, on first use).
+    """
+
+    def __init__(self, path: str | Path, episodes: list[str], obs_keys: list[str], history: int, horizon: int) -> None:
+        self.path, self.obs_keys = Path(path), list(obs_keys)
+        self.history, self.horizon = history, horizon
+        with open_episode_file(self.path) as f:
+            self.lengths = [episode_length(f, name) for name in episodes]
+            for name in episodes:
+                missing = [k for k in self.obs_keys if k not in f["data"][name]["obs"]]
+                if missing:
+                    raise KeyError(f"{self.path}: episode {name} has no obs key(s) {missing}")
+        self.episodes = list(episodes)
+        # (episode, step) of every sample, as two flat arrays.
+        self.ep_of = np.repeat(np.arange(len(episodes)), self.lengths)
+        self.t_of = np.concatenate([np.arange(n) for n in self.lengths]) if episodes else np.zeros(0, int)
+        self._file = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.t_of)
+
+    def _group(self, e: int):
+        if self._pid != os.getpid():  # a forked worker must not share its parent's handle
+            self._file, self._pid = open_episode_file(self.path), os.getpid()
+        return self._file["data"][self.episodes[e]]
+
+    def __getitem__(self, i: int) -> dict:
+        e, t = int(self.ep_of[i]), int(self.t_of[i])
+        g = self._group(e)
+        obs_idx, obs_pad, act_idx, act_pad = window_indices(t, self.lengths[e], self.history, self.horizon)
+        # Read the contiguous span once, then expand the clamped (repeated) edge indices.
+        obs = GDict.from_hdf5(g["obs"], keys=self.obs_keys, index=slice(obs_idx[0], obs_idx[-1] + 1))
+        obs = obs[obs_idx - obs_idx[0]]
+        action = g["actions"][act_idx[0]: act_idx[-1] + 1][act_idx - act_idx[0]]
+        out = {k: (np.moveaxis(v, -1, 1) if k.startswith("rgb") else v.astype(np.float32)) for k, v in obs.items_flat()}
+        return {
+            "obs": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()},
+            "obs_is_pad": torch.from_numpy(obs_pad),
+            "action": torch.from_numpy(action.astype(np.float32)),
+            "action_is_pad": torch.from_numpy(act_pad),
+        }
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_file"], state["_pid"] = None, None  # h5py handles do not pickle
+        return state

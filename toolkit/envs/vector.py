@@ -1,0 +1,28 @@
+"""Vector envs built from an env config: one process per env, no autoreset (finished episodes hold
+still until the caller resets them with ``options={"reset_mask": ...}``)."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import gymnasium as gym
+from omegaconf import DictConfig, OmegaConf
+
+
+def make_env(env_cfg: dict[str, Any]) -> gym.Env:
+    from hydra.utils import instantiate
+
+    return instantiate(env_cfg)
+
+
+def make_vector_env(env_cfg: DictConfig | dict, num_envs: int) -> gym.vector.VectorEnv:
+    """``num_envs`` copies of the env; in-process when there is one (no start-up cost)."""
+    if isinstance(env_cfg, DictConfig):
+        env_cfg = OmegaConf.to_container(env_cfg, resolve=True)
+    fns = [partial(make_env, env_cfg) for _ in range(num_envs)]
+    mode = gym.vector.AutoresetMode.DISABLED
+    if num_envs == 1:
+        return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+    # forkserver: children never inherit the parent's torch threads or GL contexts, and start faster than spawn.
+    return gym.vector.AsyncVectorEnv(fns, context="forkserver", autoreset_mode=mode)

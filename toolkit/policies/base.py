@@ -1,0 +1,157 @@
+"""The policy contract: a LightningModule that owns its encoder.
+
+Training: ``training_step`` on a batch of windows (see ``toolkit.datamodules.windows``).
+Rollouts: ``reset(mask)`` then ``act(obs) -> actions`` on a batch of envs' current observations; the
+policy keeps each env's observation history itself, padded at an episode's start exactly as the
+dataset pads windows.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from toolkit.encoders.base import Encoder
+from toolkit.normalization import Normalizer
+
+
+def random_shift(images: torch.Tensor, pad: int, groups: int = 1) -> torch.Tensor:
+    """Shift uint8 images ``[B, C, H, W]`` by up to ``pad`` pixels, repeating edge pixels (DrQ's
+    augmentation). Consecutive ``groups`` images (a window's frames) share one shift."""
+    b, _, h, w = images.shape
+    dy, dx = (torch.randint(-pad, pad + 1, (2, b // groups), device=images.device)).repeat_interleave(groups, 1)
+    rows = (torch.arange(h, device=images.device)[None] + dy[:, None]).clamp_(0, h - 1)
+    cols = (torch.arange(w, device=images.device)[None] + dx[:, None]).clamp_(0, w - 1)
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    return images.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+class PolicyModule(L.LightningModule):
+    """Base class: normalization, image encoding, rollout history, optimizers.
+
+    Subclasses implement ``predict(obs, obs_is_pad) -> normalized actions [B, H, A]`` and
+    ``compute_loss(batch) -> dict`` (with the key ``loss``).
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        shape_meta: dict[str, Any],
+        stats: dict[str, dict[str, list[float]]],
+        optimizer: partial,
+        scheduler: partial | None = None,
+        lr: float = 3e-4,
+        history: int = 2,
+        horizon: int = 1,
+        augment_shift: int = 4,
+        blank_images: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["encoder", "optimizer", "scheduler"])
+        self.encoder = encoder
+        self.optimizer_fn, self.scheduler_fn, self.lr = optimizer, scheduler, lr
+        self.rgb_keys: list[str] = list(shape_meta["rgb_keys"])
+        self.state_dim, self.action_dim = shape_meta["state_dim"], shape_meta["action_dim"]
+        self.history, self.horizon = history, horizon
+        self.augment_shift, self.blank_images = augment_shift, blank_images
+        self.state_norm = Normalizer(stats["obs/state"]["mean"], stats["obs/state"]["std"])
+        self.action_norm = Normalizer(stats["actions"]["mean"], stats["actions"]["std"])
+        self.register_buffer("action_low", torch.tensor(stats["actions"]["min"], dtype=torch.float32))
+        self.register_buffer("action_high", torch.tensor(stats["actions"]["max"], dtype=torch.float32))
+        self._hist: dict[str, torch.Tensor] | None = None
+        self._seen: torch.Tensor | None = None
+        self.toolkit_cfg: dict | None = None  # the run's resolved config, stored in checkpoints
+
+    # --- to implement ---------------------------------------------------------------------------
+    def predict(self, obs: dict[str, torch.Tensor], obs_is_pad: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # --- shared pieces --------------------------------------------------------------------------
+    def encode_images(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``rgb_*`` uint8 ``[B, T, C, H, W]`` per camera -> tokens ``[B, T, cameras * N, D]``."""
+        tokens = []
+        for key in self.rgb_keys:
+            x = obs[key]
+            b, t = x.shape[:2]
+            x = x.flatten(0, 1)
+            if self.blank_images:
+                x = torch.zeros_like(x)
+            elif self.training and self.augment_shift > 0:
+                x = random_shift(x, self.augment_shift, groups=t)
+            tokens.append(self.encoder(x).unflatten(0, (b, t)))
+        return torch.cat(tokens, dim=2)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = self.compute_loss(batch)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True,
+                      batch_size=len(batch["action"]))
+        return losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        losses = self.compute_loss(batch)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=len(batch["action"]))
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_fn(params=[p for p in self.parameters() if p.requires_grad], lr=self.lr)
+        if self.scheduler_fn is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler_fn(optimizer=optimizer), "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["toolkit_cfg"] = self.toolkit_cfg
+
+    # --- rollouts -------------------------------------------------------------------------------
+    def reset(self, mask: np.ndarray | None = None) -> None:
+        """Forget the observation history of the envs in ``mask`` (all envs if None)."""
+        if mask is None or self._seen is None:
+            self._hist, self._seen = None, None
+        else:
+            self._seen[torch.as_tensor(mask, dtype=torch.bool)] = 0
+
+    @torch.no_grad()
+    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """Actions ``[E, A]`` for the current observations of E envs (batched over envs)."""
+        x = {k: torch.as_tensor(np.asarray(obs[k]), device=self.device) for k in [*self.rgb_keys, "state"]}
+        for k in self.rgb_keys:
+            x[k] = x[k].permute(0, 3, 1, 2)  # HWC -> CHW
+        x["state"] = x["state"].float()
+        n = len(x["state"])
+        if self._hist is None or len(self._seen) != n:
+            self._hist = {k: v[:, None].repeat_interleave(self.history, 1) for k, v in x.items()}
+            self._seen = torch.zeros(n, dtype=torch.long, device=self.device)
+        fresh = self._seen == 0
+        for k, v in x.items():
+            rolled = torch.cat([self._hist[k][:, 1:], v[:, None]], dim=1)
+            # A fresh episode fills its whole history with the first frame, as the dataset pads.
+            self._hist[k] = torch.where(fresh.view(-1, *[1] * (rolled.dim() - 1)),
+                                        v[:, None].expand_as(rolled), rolled)
+        self._seen += 1
+        is_pad = torch.arange(self.history, device=self.device)[None] < (self.history - self._seen[:, None])
+        was_training = self.training
+        self.eval()
+        action = self.action_norm.unnormalize(self.predict(self._hist, is_pad)[:, 0])
+        self.train(was_training)
+        return torch.maximum(torch.minimum(action, self.action_high), self.action_low).cpu().numpy()
+
+
+def load_policy(path: str | Path, device: str = "cpu") -> PolicyModule:
+    """Rebuild a trained policy from its checkpoint alone (config, normalization and weights)."""
+    from hydra.utils import instantiate
+
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    cfg, hp = ckpt["toolkit_cfg"], ckpt["hyper_parameters"]
+    policy = instantiate(cfg["policy"], encoder=instantiate(cfg["encoder"]),
+                         shape_meta=hp["shape_meta"], stats=hp["stats"])
+    policy.load_state_dict(ckpt["state_dict"])
+    policy.toolkit_cfg = cfg
+    return policy.to(device).eval()

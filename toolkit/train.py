@@ -1,0 +1,135 @@
+"""What `python train.py` does: collect demos if missing, build data/encoder/policy/trainer from the
+config, fit with rollouts at validation, and print a summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from toolkit.errors import ToolkitError
+
+log = logging.getLogger(__name__)
+
+
+def find_last_checkpoint(log_dir: str | Path, task_name: str) -> Path | None:
+    """The newest ``last.ckpt`` among this task's runs (run dirs are timestamped)."""
+    found = sorted(Path(log_dir, task_name, "runs").glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def ensure_demos(cfg: DictConfig) -> None:
+    """Collect into ``data.path`` until it holds ``data.num_demos`` episodes (a no-op when it does)."""
+    from toolkit.collect import collect, existing_episodes
+
+    path = Path(cfg.data.path)
+    have, _ = existing_episodes(path)
+    if have >= (cfg.data.num_demos or 1):
+        return
+    if not cfg.collect.enabled:
+        raise ToolkitError(f"data.path={path} holds {have} episodes, data.num_demos={cfg.data.num_demos} are "
+                           f"needed; collect them (`python -m toolkit.collect`) or set collect.enabled=true")
+    rollout = cfg.callbacks.get("rollout")
+    if rollout is not None and cfg.collect.seed <= rollout.seed < cfg.collect.seed + 10 * cfg.data.num_demos:
+        raise ToolkitError(f"collect.seed={cfg.collect.seed} and callbacks.rollout.seed={rollout.seed} overlap: "
+                           f"evaluation would replay training configurations")
+    log.info(f"collecting {cfg.data.num_demos - have} demonstrations into {path}")
+    collect(cfg.env, path, cfg.data.num_demos, num_envs=cfg.collect.num_envs, seed=cfg.collect.seed,
+            only_success=cfg.collect.only_success)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run the whole job; returns the summary (also written to ``<output_dir>/summary.json``)."""
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+
+    from toolkit.config import check_types
+
+    start = time.perf_counter()
+    for group in ("env", "data", "encoder", "policy", "trainer"):
+        check_types(cfg[group], group)
+    for group in ("callbacks", "logger"):
+        for name, node in (cfg.get(group) or {}).items():
+            check_types(node, f"{group}.{name}")
+
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_num_threads(cfg.num_threads)
+    instantiate(cfg.env).close()  # fail fast on a bad env config (unknown task...) before collecting
+    ensure_demos(cfg)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    policy = instantiate(cfg.policy, encoder=instantiate(cfg.encoder),
+                         shape_meta=datamodule.shape_meta, stats=datamodule.stats)
+    policy.toolkit_cfg = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = {name: instantiate(c) for name, c in (cfg.get("callbacks") or {}).items()}
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False)
+
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path is None and cfg.resume:
+        ckpt_path = find_last_checkpoint(cfg.paths.log_dir, cfg.task_name)
+        if ckpt_path is None:
+            raise ToolkitError(f"resume=true: no last.ckpt under {cfg.paths.log_dir}/{cfg.task_name}/runs/*/checkpoints")
+    if ckpt_path is not None:
+        if not Path(ckpt_path).exists():
+            raise ToolkitError(f"ckpt_path={ckpt_path} does not exist")
+        log.info(f"resuming from {ckpt_path}")
+    trainer.fit(policy, datamodule, ckpt_path=ckpt_path)
+
+    rollout = callbacks.get("rollout")
+    best, last = callbacks.get("best_checkpoint"), callbacks.get("last_checkpoint")
+    summary = {
+        **(rollout.last if rollout else {}),
+        "global_step": trainer.global_step,
+        "wall_time_s": time.perf_counter() - start,
+        "best_checkpoint": getattr(best, "best_model_path", None) or None,
+        "last_checkpoint": getattr(last, "last_model_path", None) or None,
+        "logs": [lg.log_dir for lg in loggers],
+        "video": str(rollout.last_video) if rollout and rollout.last_video else None,
+        "output_dir": cfg.paths.output_dir,
+    }
+    Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+    Path(cfg.paths.output_dir, "summary.json").write_text(json.dumps(summary, indent=2))
+    print_summary(summary)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="run summary", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # paths are long: wrap them, never cut them
+    rows = [
+        ("rollout success rate", summary.get("rollout/success_rate")),
+        ("mean episode length", summary.get("rollout/episode_length")),
+        ("training steps", summary.get("global_step")),
+        ("wall time", f"{summary['wall_time_s']:.0f} s"),
+        ("best checkpoint", summary.get("best_checkpoint")),
+        ("last checkpoint", summary.get("last_checkpoint")),
+        ("logs", ", ".join(summary.get("logs") or [])),
+        ("rollout video", summary.get("video")),
+    ]
+    for name, value in rows:
+        if isinstance(value, float):
+            value = f"{value:.2f}"
+        table.add_row(name, "-" if value is None else str(value))
+    Console().print(table)
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Hydra task function: a ToolkitError prints its message alone and exits non-zero."""
+    try:
+        summary = train(cfg)
+    except ToolkitError as e:
+        log.error(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return summary.get(cfg.optimized_metric)

@@ -1,0 +1,16 @@
+"""The one entry point: `python train.py [group=option ...] [field=value ...]` (see `--help`)."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    # Imported here so that `--help` and config errors answer without loading torch and Lightning.
+    from toolkit.train import run
+
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
