@@ -113,3 +113,24 @@ def collect(
                            f"({rejected} failed); {path} keeps the successful ones. Raise max_attempts "
                            f"or check the task.")
     return writer.num_episodes
+
+
+def _main() -> None:
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="collect")
+    def main(cfg) -> None:
+        from toolkit.envs.vector import check_env
+        from toolkit.errors import exit_on_user_error
+
+        with exit_on_user_error():
+            check_env(cfg.env)
+            n = collect(cfg.env, cfg.data.path, cfg.data.num_demos, num_envs=cfg.collect.num_envs,
+                        seed=cfg.collect.seed, only_success=cfg.collect.only_success)
+            print(f"{cfg.data.path}: {n} episodes")
+
+    main()
+
+
+if __name__ == "__main__":
+    _main()

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +48,7 @@ def train(cfg: DictConfig) -> dict:
     from hydra.utils import instantiate
 
     from toolkit.config import check_types
+    from toolkit.envs.vector import check_env
 
     start = time.perf_counter()
     for group in ("env", "data", "encoder", "policy", "trainer"):
@@ -59,13 +59,16 @@ def train(cfg: DictConfig) -> dict:
 
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(cfg.num_threads)
-    instantiate(cfg.env).close()  # fail fast on a bad env config (unknown task...) before collecting
+    check_env(cfg.env)  # fail fast on a bad env config (unknown task...) before collecting
+    collect_start = time.perf_counter()
     ensure_demos(cfg)
+    collect_time = time.perf_counter() - collect_start
 
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
-    policy = instantiate(cfg.policy, encoder=instantiate(cfg.encoder),
-                         shape_meta=datamodule.shape_meta, stats=datamodule.stats)
+    # _convert_="all": the policy's hyperparameters (saved in checkpoints) stay plain Python containers
+    policy = instantiate(cfg.policy, encoder=instantiate(cfg.encoder), shape_meta=datamodule.shape_meta,
+                         stats=datamodule.stats, _convert_="all")
     policy.toolkit_cfg = OmegaConf.to_container(cfg, resolve=True)
     callbacks = {name: instantiate(c) for name, c in (cfg.get("callbacks") or {}).items()}
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
@@ -80,17 +83,22 @@ def train(cfg: DictConfig) -> dict:
         if not Path(ckpt_path).exists():
             raise ToolkitError(f"ckpt_path={ckpt_path} does not exist")
         log.info(f"resuming from {ckpt_path}")
+    fit_start, step_start = time.perf_counter(), trainer.global_step
     trainer.fit(policy, datamodule, ckpt_path=ckpt_path)
+    fit_time = time.perf_counter() - fit_start
 
     rollout = callbacks.get("rollout")
     best, last = callbacks.get("best_checkpoint"), callbacks.get("last_checkpoint")
+    train_time = fit_time - (rollout.total_time_s if rollout else 0.0)
     summary = {
         **(rollout.last if rollout else {}),
         "global_step": trainer.global_step,
         "wall_time_s": time.perf_counter() - start,
+        "collect_time_s": collect_time,
+        "train_samples_per_s": (trainer.global_step - step_start) * cfg.data.batch_size / max(train_time, 1e-9),
         "best_checkpoint": getattr(best, "best_model_path", None) or None,
         "last_checkpoint": getattr(last, "last_model_path", None) or None,
-        "logs": [lg.log_dir for lg in loggers],
+        "logs": [str(lg.log_dir or lg.save_dir) for lg in loggers],
         "video": str(rollout.last_video) if rollout and rollout.last_video else None,
         "output_dir": cfg.paths.output_dir,
     }
@@ -125,11 +133,6 @@ def print_summary(summary: dict) -> None:
 
 
 def run(cfg: DictConfig) -> float | None:
-    """Hydra task function: a ToolkitError prints its message alone and exits non-zero."""
-    try:
-        summary = train(cfg)
-    except ToolkitError as e:
-        log.error(str(e))
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    return summary.get(cfg.optimized_metric)
+    """Hydra task function: returns the optimized metric; a ToolkitError exits with its message."""
+    with exit_on_user_error():
+        return train(cfg).get(cfg.optimized_metric)

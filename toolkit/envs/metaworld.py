@@ -4,6 +4,7 @@ positions that are a pure function of the reset seed (so training and evaluation
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from typing import Any
 
@@ -21,6 +22,7 @@ from toolkit.errors import ToolkitError
 
 # The scripted experts warn on every construction that their gains saturate; that is by design.
 warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high")
+logging.getLogger("OpenGL").setLevel(logging.WARNING)  # "No OpenGL_accelerate module loaded"
 
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 

@@ -83,6 +83,7 @@ class RolloutCallback(L.Callback):
         self.env_cfg, self.num_episodes, self.num_envs = env, num_episodes, num_envs
         self.seed, self.video_episodes, self.video_dir = seed, video_episodes, video_dir
         self._envs = None
+        self.total_time_s = 0.0  # spent in rollouts, so train.py can report training speed alone
         self.last: dict[str, float] = {}
         self.last_video: Path | None = None
 
@@ -96,7 +97,9 @@ class RolloutCallback(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        start = time.perf_counter()
         res = self.evaluate(pl_module)
+        self.total_time_s += time.perf_counter() - start
         self.last = {
             "rollout/success_rate": float(res["success"].mean()),
             "rollout/return": float(res["return"].mean()),

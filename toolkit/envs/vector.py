@@ -16,6 +16,14 @@ def make_env(env_cfg: dict[str, Any]) -> gym.Env:
     return instantiate(env_cfg)
 
 
+def check_env(env_cfg: DictConfig | dict) -> None:
+    """Build and close one env in this process, so a bad env config fails here with its message
+    instead of inside a vector env's worker."""
+    if isinstance(env_cfg, DictConfig):
+        env_cfg = OmegaConf.to_container(env_cfg, resolve=True)
+    make_env(env_cfg).close()
+
+
 def make_vector_env(env_cfg: DictConfig | dict, num_envs: int) -> gym.vector.VectorEnv:
     """``num_envs`` copies of the env; in-process when there is one (no start-up cost)."""
     if isinstance(env_cfg, DictConfig):

@@ -151,7 +151,7 @@ def load_policy(path: str | Path, device: str = "cpu") -> PolicyModule:
     ckpt = torch.load(path, map_location=device, weights_only=False)
     cfg, hp = ckpt["toolkit_cfg"], ckpt["hyper_parameters"]
     policy = instantiate(cfg["policy"], encoder=instantiate(cfg["encoder"]),
-                         shape_meta=hp["shape_meta"], stats=hp["stats"])
+                         shape_meta=hp["shape_meta"], stats=hp["stats"], _convert_="all")
     policy.load_state_dict(ckpt["state_dict"])
     policy.toolkit_cfg = cfg
     return policy.to(device).eval()
