@@ -44,7 +44,7 @@ def collect(
 
     from gdict import GDict
     from toolkit.datamodules.episode_file import EpisodeWriter
-    from toolkit.envs.vector import make_vector_env
+    from toolkit.envs.vector import make_vector_env, reset_some
 
     path = Path(path)
     have, attempt = existing_episodes(path)
@@ -59,18 +59,12 @@ def collect(
         env_attempt = np.full(num_envs, -1)
         rejected = 0
 
-        def start(mask: np.ndarray):
+        def start(mask: np.ndarray, obs: dict | None = None) -> dict:
             nonlocal attempt
-            seeds = []
-            for i in np.flatnonzero(mask):
-                env_attempt[i] = attempt
-                seeds.append(seed + attempt)
-                attempt += 1
-            full = [None] * num_envs
-            for i, s in zip(np.flatnonzero(mask), seeds):
-                full[i] = s
-            obs, _ = envs.reset(seed=full, options={"reset_mask": mask})
-            return obs
+            attempts = np.arange(attempt, attempt + mask.sum())
+            env_attempt[mask] = attempts
+            attempt += len(attempts)
+            return reset_some(envs, mask, [seed + int(a) for a in attempts], obs)
 
         active = np.ones(num_envs, dtype=bool)
         obs = start(active)
@@ -101,10 +95,7 @@ def collect(
                     restart[i], pending = True, pending + 1
                 else:
                     active[i] = False
-            obs = next_obs
-            if restart.any():
-                reset_obs = start(restart)
-                obs = {k: np.where(restart.reshape(-1, *[1] * (v.ndim - 1)), reset_obs[k], v) for k, v in obs.items()}
+            obs = start(restart, next_obs) if restart.any() else next_obs
         bar.close()
     finally:
         envs.close()

@@ -10,6 +10,8 @@ import lightning as L
 import numpy as np
 from omegaconf import DictConfig
 
+from toolkit.envs.vector import reset_some
+
 
 def run_rollouts(policy: Any, envs, num_episodes: int, seed: int, video_episodes: int = 0) -> dict[str, Any]:
     """Run ``num_episodes`` episodes of ``policy`` (anything with ``reset(mask)``/``act(obs)``).
@@ -27,15 +29,11 @@ def run_rollouts(policy: Any, envs, num_episodes: int, seed: int, video_episodes
 
     def start(mask: np.ndarray, obs: dict | None):
         nonlocal next_episode
-        seeds = [None] * n
-        for i in np.flatnonzero(mask):
-            episode_of[i], seeds[i] = next_episode, seed + next_episode
-            next_episode += 1
-        reset_obs, _ = envs.reset(seed=seeds, options={"reset_mask": mask})
+        episodes = np.arange(next_episode, next_episode + mask.sum())
+        episode_of[mask] = episodes
+        next_episode += len(episodes)
         policy.reset(mask)
-        if obs is None:
-            return reset_obs
-        return {k: np.where(mask.reshape(-1, *[1] * (v.ndim - 1)), reset_obs[k], v) for k, v in obs.items()}
+        return reset_some(envs, mask, [seed + int(k) for k in episodes], obs)
 
     first = np.arange(n) < min(n, num_episodes)
     policy.reset()

@@ -7,6 +7,7 @@ from functools import partial
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -34,3 +35,16 @@ def make_vector_env(env_cfg: DictConfig | dict, num_envs: int) -> gym.vector.Vec
         return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
     # forkserver: children never inherit the parent's torch threads or GL contexts, and start faster than spawn.
     return gym.vector.AsyncVectorEnv(fns, context="forkserver", autoreset_mode=mode)
+
+
+def reset_some(envs: gym.vector.VectorEnv, mask: np.ndarray, seeds: list[int],
+               obs: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Reset the envs selected by ``mask`` with ``seeds`` (one per selected env, in order); the other
+    envs keep their entries of ``obs``. Returns the merged batch of observations."""
+    per_env: list[int | None] = [None] * envs.num_envs
+    for i, s in zip(np.flatnonzero(mask), seeds):
+        per_env[i] = s
+    reset_obs, _ = envs.reset(seed=per_env, options={"reset_mask": mask})
+    if obs is None:
+        return reset_obs
+    return {k: np.where(mask.reshape(-1, *[1] * (v.ndim - 1)), reset_obs[k], v) for k, v in obs.items()}
