@@ -99,3 +99,25 @@ def test_killed_training_resumes(tmp_path):
     assert 5 <= step < 400
     proc = run_train("resume=true", f"trainer.max_steps={step + 5}", "trainer.val_check_interval=5", root=tmp_path)
     assert summary_of(tmp_path)["global_step"] == step + 5
+
+
+def test_multirun_sweep_runs_each_job(tmp_path):
+    proc = run_train("-m", "policy.lr=1e-3,3e-4", "trainer.max_steps=2", root=tmp_path)
+    assert "Launching 2 jobs locally" in proc.stdout + proc.stderr
+    jobs = sorted(Path(tmp_path, "logs", "debug", "multiruns").glob("*/[0-9]*/summary.json"))
+    assert len(jobs) == 2
+    lrs = sorted(torch.load(json.loads(j.read_text())["last_checkpoint"], weights_only=False)
+                 ["hyper_parameters"]["lr"] for j in jobs)
+    assert lrs == [3e-4, 1e-3]
+
+
+def test_collect_command(tmp_path):
+    cmd = [sys.executable, "-m", "toolkit.collect", "env.task=reach-v3", "data.num_demos=2",
+           "env.max_episode_steps=10", "collect.only_success=false", "collect.num_envs=1", f"paths.root_dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    path = tmp_path / "data" / "reach-v3_corner4_64px.hdf5"
+    assert f"{path}: 2 episodes" in proc.stdout
+    with h5py.File(path) as f:
+        assert json.loads(f["data"].attrs["env_args"])["env_name"] == "reach-v3"
+        assert len(f["data"]) == 2
