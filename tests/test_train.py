@@ -121,3 +121,15 @@ def test_collect_command(tmp_path):
     with h5py.File(path) as f:
         assert json.loads(f["data"].attrs["env_args"])["env_name"] == "reach-v3"
         assert len(f["data"]) == 2
+
+
+def test_frozen_encoder_trains_on_cached_features(tmp_path):
+    proc = run_train("encoder.freeze=true", root=tmp_path)
+    assert "training on cached ImpalaEncoder features" in proc.stdout + proc.stderr
+    caches = list(Path(tmp_path, "data").glob("*.features/ImpalaEncoder-*.hdf5"))
+    assert len(caches) == 1
+    s = summary_of(tmp_path)
+    assert s["global_step"] == 4 and 0.0 <= s["rollout/success_rate"] <= 1.0
+    # a second run reuses the cache
+    run_train("encoder.freeze=true", root=tmp_path)
+    assert list(Path(tmp_path, "data").glob("*.features/ImpalaEncoder-*.hdf5")) == caches

@@ -65,9 +65,17 @@ def train(cfg: DictConfig) -> dict:
     collect_time = time.perf_counter() - collect_start
 
     datamodule = instantiate(cfg.data)
+    encoder = instantiate(cfg.encoder)
+    if datamodule.feature_cache and encoder.frozen and not cfg.policy.get("blank_images"):
+        from toolkit.encoders.cache import build_feature_cache
+
+        image_keys = datamodule.image_keys()
+        datamodule.feature_path = build_feature_cache(encoder, OmegaConf.to_container(cfg.encoder, resolve=True),
+                                                      datamodule.path, image_keys)
+        log.info(f"training on cached {type(encoder).__name__} features: {datamodule.feature_path}")
     datamodule.setup("fit")
     # _convert_="all": the policy's hyperparameters (saved in checkpoints) stay plain Python containers
-    policy = instantiate(cfg.policy, encoder=instantiate(cfg.encoder), shape_meta=datamodule.shape_meta,
+    policy = instantiate(cfg.policy, encoder=encoder, shape_meta=datamodule.shape_meta,
                          stats=datamodule.stats, _convert_="all")
     policy.toolkit_cfg = OmegaConf.to_container(cfg, resolve=True)
     callbacks = {name: instantiate(c) for name, c in (cfg.get("callbacks") or {}).items()}

@@ -26,13 +26,26 @@ class EpisodeDataModule(L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         obs_keys: list[str] | None = None,
+        feature_cache: bool = True,
     ) -> None:
         super().__init__()
         self.path = Path(path)
         self.num_demos, self.history, self.horizon = num_demos, history, horizon
         self.batch_size, self.num_workers = batch_size, num_workers
         self.obs_keys = obs_keys
+        # read a frozen encoder's cached features instead of pixels (train.py builds the cache)
+        self.feature_cache = feature_cache
+        self.feature_path: Path | None = None
         self.train_set: WindowDataset | None = None
+
+    def _keys(self, f) -> list[str]:
+        first_obs = f["data"][episode_names(f)[0]]["obs"]
+        return self.obs_keys or sorted(k for k in first_obs if k.startswith("rgb") or k == "state")
+
+    def image_keys(self) -> list[str]:
+        """The camera keys (``rgb_*``) the policy sees."""
+        with open_episode_file(self.path) as f:
+            return [k for k in self._keys(f) if k.startswith("rgb")]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -45,7 +58,7 @@ class EpisodeDataModule(L.LightningDataModule):
             train = [n for n in read_split(f, "train") if n in used]
             valid = [n for n in read_split(f, "valid") if n in used]
             first_obs = f["data"][names[0]]["obs"]
-            keys = self.obs_keys or sorted(k for k in first_obs if k.startswith("rgb") or k == "state")
+            keys = self._keys(f)
             if "state" not in keys:
                 raise ToolkitError(f"{self.path}: episodes have no obs/state (keys: {list(first_obs)})")
             self.shape_meta = {
@@ -57,8 +70,8 @@ class EpisodeDataModule(L.LightningDataModule):
         if not train:
             raise ToolkitError(f"{self.path}: no training episodes among the first {self.num_demos}")
         self.stats = compute_stats(self.path, train, ["obs/state", "actions"])
-        self.train_set = WindowDataset(self.path, train, keys, self.history, self.horizon)
-        self.valid_set = WindowDataset(self.path, valid, keys, self.history, self.horizon) if valid else None
+        self.train_set = WindowDataset(self.path, train, keys, self.history, self.horizon, self.feature_path)
+        self.valid_set = WindowDataset(self.path, valid, keys, self.history, self.horizon, self.feature_path) if valid else None
 
     def _loader(self, dataset: WindowDataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
@@ -68,5 +81,5 @@ class EpisodeDataModule(L.LightningDataModule):
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        # Without validation episodes there is still a validation epoch, so rollouts still run.
+        # Any file of 2+ episodes has validation episodes (split_masks); with none, validation and rollouts are skipped.
         return self._loader(self.valid_set, shuffle=False) if self.valid_set else []

@@ -30,13 +30,19 @@ def window_indices(t: int, length: int, history: int, horizon: int):
 class WindowDataset(Dataset):
     """Samples ``{"obs": {key: [T, ...]}, "obs_is_pad": [T], "action": [H, A], "action_is_pad": [H]}``.
 
-    Images come out channels-first (``[T, 3, H, W]`` uint8). One HDF5 handle per process (each
-    DataLoader worker opens its own, on first use).
+    Images come out channels-first (``[T, 3, H, W]`` uint8). With a ``feature_path`` (a feature cache
+    of a frozen encoder, see ``toolkit.encoders.cache``) every ``rgb_<camera>`` is replaced by
+    ``rgb_<camera>_features`` ``[T, N, D]`` float32 read from that file. One HDF5 handle per file and
+    process (each DataLoader worker opens its own, on first use).
     """
 
-    def __init__(self, path: str | Path, episodes: list[str], obs_keys: list[str], history: int, horizon: int) -> None:
+    def __init__(self, path: str | Path, episodes: list[str], obs_keys: list[str], history: int, horizon: int,
+                 feature_path: str | Path | None = None) -> None:
         self.path, self.obs_keys = Path(path), list(obs_keys)
         self.history, self.horizon = history, horizon
+        self.feature_path = Path(feature_path) if feature_path else None
+        self.image_keys = [k for k in self.obs_keys if k.startswith("rgb")]
+        self.file_keys = [k for k in self.obs_keys if not (self.feature_path and k in self.image_keys)]
         with open_episode_file(self.path) as f:
             self.lengths = [episode_length(f, name) for name in episodes]
             for name in episodes:
@@ -47,26 +53,32 @@ class WindowDataset(Dataset):
         # (episode, step) of every sample, as two flat arrays.
         self.ep_of = np.repeat(np.arange(len(episodes)), self.lengths)
         self.t_of = np.concatenate([np.arange(n) for n in self.lengths]) if episodes else np.zeros(0, int)
-        self._file = None
+        self._file = self._features = None
         self._pid = None
 
     def __len__(self) -> int:
         return len(self.t_of)
 
-    def _group(self, e: int):
-        if self._pid != os.getpid():  # a forked worker must not share its parent's handle
+    def _open(self) -> None:
+        if self._pid != os.getpid():  # a forked worker must not share its parent's handles
             self._file, self._pid = open_episode_file(self.path), os.getpid()
-        return self._file["data"][self.episodes[e]]
+            self._features = open_episode_file(self.feature_path) if self.feature_path else None
 
     def __getitem__(self, i: int) -> dict:
         e, t = int(self.ep_of[i]), int(self.t_of[i])
-        g = self._group(e)
+        self._open()
+        g = self._file["data"][self.episodes[e]]
         obs_idx, obs_pad, act_idx, act_pad = window_indices(t, self.lengths[e], self.history, self.horizon)
         # Read the contiguous span once, then expand the clamped (repeated) edge indices.
-        obs = GDict.from_hdf5(g["obs"], keys=self.obs_keys, index=slice(obs_idx[0], obs_idx[-1] + 1))
+        span = slice(obs_idx[0], obs_idx[-1] + 1)
+        obs = GDict.from_hdf5(g["obs"], keys=self.file_keys, index=span)
+        if self._features is not None:
+            feats = GDict.from_hdf5(self._features["data"][self.episodes[e]]["obs"],
+                                    keys=[f"{k}_features" for k in self.image_keys], index=span)
+            obs = GDict({**obs.memory, **feats.memory})
         obs = obs[obs_idx - obs_idx[0]]
         action = g["actions"][act_idx[0]: act_idx[-1] + 1][act_idx - act_idx[0]]
-        out = {k: (np.moveaxis(v, -1, 1) if k.startswith("rgb") else v.astype(np.float32)) for k, v in obs.items_flat()}
+        out = {k: (np.moveaxis(v, -1, 1) if k in self.image_keys else v.astype(np.float32)) for k, v in obs.items_flat()}
         return {
             "obs": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()},
             "obs_is_pad": torch.from_numpy(obs_pad),
@@ -76,5 +88,5 @@ class WindowDataset(Dataset):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_file"], state["_pid"] = None, None  # h5py handles do not pickle
+        state["_file"], state["_features"], state["_pid"] = None, None, None  # h5py handles do not pickle
         return state

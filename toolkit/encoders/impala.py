@@ -38,20 +38,24 @@ class ImpalaEncoder(Encoder):
         out_dim: int = 256,
         in_channels: int = 3,
         freeze: bool = False,
+        train_last_blocks: int | None = None,
     ) -> None:
-        super().__init__(freeze)
+        super().__init__(freeze, image_size=image_size, train_last_blocks=train_last_blocks)
         chans = [in_channels, *channels]
         self.stages = nn.Sequential(*[_stage(chans[i], chans[i + 1], num_blocks) for i in range(len(channels))])
         side = image_size
         for _ in channels:
             side = (side + 1) // 2
         self.head = nn.Sequential(nn.ReLU(), nn.Flatten(), nn.Linear(channels[-1] * side * side, out_dim), nn.ReLU())
-        self.image_size = image_size
         self.out_dim, self.num_tokens = out_dim, 1
+        self.to(memory_format=torch.channels_last)
         self._apply_freeze()
 
+    def blocks(self) -> list[nn.Module]:
+        return list(self.stages)
+
+    def tail(self) -> list[nn.Module]:
+        return [self.head]
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                                          antialias=True, align_corners=False)
         return self.head(self.stages(x)).unsqueeze(1)

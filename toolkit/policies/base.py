@@ -77,9 +77,15 @@ class PolicyModule(L.LightningModule):
 
     # --- shared pieces --------------------------------------------------------------------------
     def encode_images(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``rgb_*`` uint8 ``[B, T, C, H, W]`` per camera -> tokens ``[B, T, cameras * N, D]``."""
+        """``rgb_*`` uint8 ``[B, T, C, H, W]`` per camera -> tokens ``[B, T, cameras * N, D]``.
+
+        Cached features (``rgb_*_features`` ``[B, T, N, D]``, from a frozen encoder) are used as they are.
+        """
         tokens = []
         for key in self.rgb_keys:
+            if f"{key}_features" in obs:
+                tokens.append(obs[f"{key}_features"].float())
+                continue
             x = obs[key]
             b, t = x.shape[:2]
             x = x.flatten(0, 1)
