@@ -27,14 +27,41 @@ from toolkit.errors import ToolkitError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these ops are small, and on a shared 2-core machine a second OpenMP thread
+    mostly waits (2-3x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fast_random_init(monkeypatch):
+    """timm's truncated-normal init is most of the time of building a random ViT on 2 CPU cores; a plain
+    normal init is as good for these tests (checkpoints are compared exactly, random models only by shape)."""
+    import timm.models.vision_transformer as tvit
+
+    monkeypatch.setattr(tvit, "trunc_normal_", lambda t, mean=0.0, std=1.0, a=-2.0, b=2.0: torch.nn.init.normal_(t, mean, std))
+
+
 def reference(name: str, img_size: int, seed: int = 0) -> torch.nn.Module:
-    """A timm model with every parameter perturbed (so layer scales, norms and biases all matter)."""
-    torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, img_size=img_size, num_classes=0).eval()
+    """A timm model with random values in every parameter (so layer scales, norms and biases all matter);
+    filled directly instead of timm's slow init."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, img_size=img_size, num_classes=0)
+    model.to_empty(device="cpu").eval()
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+        for n, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05 + (1.0 if "norm" in n and n.endswith("weight") else 0.0))
     return model
+
+
+def resampled(sd: dict[str, torch.Tensor], grid: int, prefix: int) -> dict[str, torch.Tensor]:
+    """timm's own pos_embed resampling (what its pretrained loader does), for a reference at another size."""
+    return {**sd, "pos_embed": resample_abs_pos_embed(sd["pos_embed"], new_size=(grid, grid), num_prefix_tokens=prefix)}
 
 
 def to_dinov2_hub(sd: dict[str, torch.Tensor], swiglu: bool = False, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -59,13 +86,10 @@ def images(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
 
 
 def check_same_features(enc, ref, imgs: torch.Tensor) -> None:
+    """All tokens (class, registers, patches) after the final norm, on the encoder's preprocessed input."""
     x = enc.preprocess(imgs)
     with torch.no_grad():
-        want = ref.forward_features(x)
-        got = enc.model.forward_features(x)
-        pooled = enc(imgs)
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(pooled, want[:, :1])  # pool=cls: the class token after the final norm
+        torch.testing.assert_close(enc.model.forward_features(x), ref.forward_features(x))
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +109,15 @@ def dino_s_hub(tmp_path_factory, dino_s_ref) -> Path:
 # --- official formats -------------------------------------------------------------------------------
 
 def test_dinov2_hub_pth(dino_s_hub, dino_s_ref):
+    # at the official 518 px: exactly the reference
     enc = DINOv2Encoder("vits14", weights=str(dino_s_hub), image_size=518)
     check_same_features(enc, dino_s_ref, images(1, 3 * 37, 4 * 37))
-    # at 224 px the 37x37 pos_embed is resampled to 16x16
-    small = DINOv2Encoder("vits14", weights=str(dino_s_hub), image_size=224, pool="patch")
+    # at 224 px the 37x37 pos_embed is resampled to 16x16, as timm's pretrained loader does
+    small = DINOv2Encoder("vits14", weights=str(dino_s_hub), image_size=224)
     assert small.model.pos_embed.shape == (1, 1 + 16 * 16, 384)
-    assert small(images(2, 64, 64)).shape == (2, 256, 384)
+    ref = reference("vit_small_patch14_dinov2", 224)
+    ref.load_state_dict(resampled(dino_s_ref.state_dict(), 16, prefix=1))
+    check_same_features(small, ref, images(2, 64, 64))
 
 
 def test_dinov2_reg_hub_pth(tmp_path):
@@ -99,12 +126,14 @@ def test_dinov2_reg_hub_pth(tmp_path):
     sd = to_dinov2_hub(ref.state_dict())
     assert {"register_tokens", "mask_token"} <= set(sd) and sd["pos_embed"].shape == (1, 1 + 37 * 37, 384)
     torch.save(sd, path)
-    enc = DINOv2Encoder("vits14_reg", weights=str(path), image_size=518)
-    check_same_features(enc, ref, images(1, 80, 90))
-    patch = DINOv2Encoder("vits14_reg", weights=str(path), image_size=518, pool="patch")
+    # the registers have no pos_embed in timm's layout (no_embed_class): resample without prefix tokens
+    enc = DINOv2Encoder("vits14_reg", weights=str(path), image_size=224, pool="patch")
+    ref224 = reference("vit_small_patch14_reg4_dinov2", 224)
+    ref224.load_state_dict(resampled(ref.state_dict(), 16, prefix=0))
+    check_same_features(enc, ref224, images(2, 80, 90))
     with torch.no_grad():
-        want = ref.forward_features(patch.preprocess(images(1, 80, 90)))[:, 5:]  # cls + 4 registers dropped
-    torch.testing.assert_close(patch(images(1, 80, 90)), want)
+        want = ref224.forward_features(enc.preprocess(images(2, 80, 90)))[:, 5:]  # cls + 4 registers dropped
+    torch.testing.assert_close(enc(images(2, 80, 90)), want)
 
 
 def test_dinov2_timm_safetensors_resampled(tmp_path, dino_s_ref):
@@ -112,26 +141,25 @@ def test_dinov2_timm_safetensors_resampled(tmp_path, dino_s_ref):
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in dino_s_ref.state_dict().items()}, str(path))
     enc = DINOv2Encoder("vits14", weights=str(path), image_size=224)
-    ref = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224, num_classes=0).eval()
-    sd = dict(dino_s_ref.state_dict())
-    sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=(16, 16), num_prefix_tokens=1)
-    ref.load_state_dict(sd)
+    ref = reference("vit_small_patch14_dinov2", 224)
+    ref.load_state_dict(resampled(dino_s_ref.state_dict(), 16, prefix=1))
     check_same_features(enc, ref, images(2, 100, 120))
+    with torch.no_grad():
+        want = ref.forward_features(enc.preprocess(images(2, 100, 120)))[:, :1]  # pool=cls
+    torch.testing.assert_close(enc(images(2, 100, 120)), want)
 
 
-def test_mae_model_dict_and_safetensors(tmp_path):
+def test_mae_model_dict(tmp_path):
     ref = reference("vit_base_patch16_224", 224, seed=3)
     pth = tmp_path / "mae_pretrain_vit_base.pth"
     torch.save({"model": ref.state_dict()}, pth)
     imgs = images(2, 64, 64)
-    enc = MAEEncoder("vitb16", weights=str(pth))
-    check_same_features(enc, ref, imgs)
-    st = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(st))
-    enc2 = MAEEncoder("vitb16", weights=str(st), pool="mean")
+    enc = MAEEncoder("vitb16", weights=str(pth), pool="mean")
+    x = enc.preprocess(imgs)
     with torch.no_grad():
-        want = ref.forward_features(enc2.preprocess(imgs))[:, 1:].mean(1, keepdim=True)
-    torch.testing.assert_close(enc2(imgs), want)
+        want = ref.forward_features(x)
+        torch.testing.assert_close(enc.model.forward_features(x), want)
+        torch.testing.assert_close(enc(imgs), want[:, 1:].mean(1, keepdim=True))
 
 
 def test_dinov2_giant_swiglu_keys_on_meta(monkeypatch):
@@ -157,6 +185,15 @@ def test_strict_keys(tmp_path, dino_s_ref):
     torch.save(sd, path)
     with pytest.raises(ToolkitError, match=r"missing: norm\.weight.*unexpected: norm\.w\b"):
         DINOv2Encoder("vits14", weights=str(path))
+
+
+def test_wrong_variant_checkpoint(monkeypatch):
+    with torch.device("meta"):  # shapes only
+        vitb = timm.create_model("vit_base_patch14_dinov2", pretrained=False, img_size=518, num_classes=0)
+        enc = DINOv2Encoder("vits14")
+    monkeypatch.setattr(vit_common, "read_checkpoint", lambda path: to_dinov2_hub(vitb.state_dict()))
+    with pytest.raises(ToolkitError, match=r"dinov2_vitb14_pretrain.pth.*does not match VisionTransformer.*cls_token \(1, 1, 768\) vs \(1, 1, 384\)"):
+        enc.load_weights(Path("dinov2_vitb14_pretrain.pth"))
 
 
 @pytest.fixture
@@ -224,21 +261,27 @@ def test_every_variant_builds_on_meta():
         ViTEncoder("small", image_size=64, patch_size=8, pool="max")
 
 
-@pytest.mark.parametrize("make", [lambda pool: DINOv2Encoder("vits14_reg", image_size=112, pool=pool),
-                                  lambda pool: ViTEncoder("small", image_size=64, patch_size=8, pool=pool)],
+@pytest.mark.parametrize("make", [lambda pool: DINOv2Encoder("vits14_reg", image_size=56, pool=pool),
+                                  lambda pool: ViTEncoder("small", image_size=32, patch_size=8, pool=pool)],
                          ids=["dinov2_reg", "vit"])
 def test_shapes(make):
     for pool in ("cls", "mean", "patch"):
         torch.manual_seed(0)
         enc = make(pool)
-        assert enc.num_tokens == (64 if pool == "patch" else 1)
+        assert enc.num_tokens == (16 if pool == "patch" else 1)
         for h, w in ((64, 64), (100, 120)):
             with torch.no_grad():
                 out = enc(images(2, h, w))
             assert out.shape == (2, enc.num_tokens, enc.out_dim) and torch.isfinite(out).all()
+        if pool != "cls":  # mean / patch: no class or register tokens
+            with torch.no_grad():
+                tokens = enc.model.forward_features(enc.preprocess(images(2, 64, 64)))[:, enc.model.num_prefix_tokens:]
+            torch.testing.assert_close(enc(images(2, 64, 64)),
+                                       tokens if pool == "patch" else tokens.mean(1, keepdim=True))
 
 
 def test_freeze_and_train_last_blocks():
+    torch.manual_seed(0)
     enc = DINOv2Encoder("vits14", image_size=112)
     assert enc.frozen and not any(p.requires_grad for p in enc.parameters())
     enc.train()

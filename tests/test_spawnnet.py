@@ -3,8 +3,7 @@ taps, L2 normalization, the features command."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import functools
 
 import h5py
 import numpy as np
@@ -19,10 +18,26 @@ from toolkit.encoders.spawnnet import SpawnNetEncoder, default_taps
 SMALL = dict(stem_channels=8, stage_channels=[8, 16, 16], adapter_channels=8, out_dim=24)
 
 
-def make(backbone_size: int = 56, image_size: int = 48, **kwargs) -> SpawnNetEncoder:
+def dinov2(image_size: int = 56) -> DINOv2Encoder:
+    """Random ViT-S/14 with LayerScale at 0.5 (DINOv2's init of 1e-5 makes every block about the
+    identity, so all taps would look alike)."""
     torch.manual_seed(0)
-    return SpawnNetEncoder(DINOv2Encoder("vits14", image_size=backbone_size), image_size=image_size,
-                           **{**SMALL, **kwargs})
+    enc = DINOv2Encoder("vits14", image_size=image_size)
+    with torch.no_grad():
+        for block in enc.model.blocks:
+            block.ls1.gamma.fill_(0.5)
+            block.ls2.gamma.fill_(0.5)
+    return enc
+
+
+shared_dinov2 = functools.lru_cache(dinov2)  # frozen backbones can be shared between adapters
+
+
+def make(backbone_size: int = 56, image_size: int = 48, **kwargs) -> SpawnNetEncoder:
+    """A small adapter; a fresh backbone when it is fine-tuned, else a shared frozen one."""
+    backbone = shared_dinov2(backbone_size) if kwargs.get("freeze_backbone", True) else dinov2(backbone_size)
+    torch.manual_seed(0)
+    return SpawnNetEncoder(backbone, image_size=image_size, **{**SMALL, **kwargs})
 
 
 def images(b: int, c: int = 3, h: int = 40, w: int = 52, seed: int = 0) -> torch.Tensor:
@@ -93,7 +108,7 @@ def test_taps_default_to_the_last_block_of_each_third_and_custom_taps_are_used()
         taps_a = enc.backbone_taps(x[:, :3])
         taps_b = shallow.backbone_taps(x[:, :3])
         assert not torch.allclose(taps_a[0], taps_b[0])
-        # same weights (same seed) and same adapter: only the taps differ, and so do the outputs
+        # same backbone, same adapter weights (same seed): only the taps differ, and so do the outputs
         assert not torch.allclose(enc(x), shallow(x))
     with pytest.raises(Exception, match="stage_channels"):
         make(taps=[3, 11])
@@ -160,7 +175,7 @@ def test_features_command_writes_one_png_per_frame(tmp_path):
             assert im.size[0] > 2 * im.size[1]  # input + 3 taps + output side by side
 
 
-def test_features_command_from_a_policy_checkpoint(tmp_path):
+def test_features_command_from_a_policy_checkpoint(tmp_path, monkeypatch):
     """``--checkpoint``: the encoder (trained adapter) comes from the policy checkpoint."""
     from toolkit.policies.bc_transformer import BCTransformer
 
@@ -183,13 +198,18 @@ def test_features_command_from_a_policy_checkpoint(tmp_path):
     ckpt = tmp_path / "policy.ckpt"
     torch.save({"toolkit_cfg": cfg, "hyper_parameters": {"shape_meta": shape_meta, "stats": stats},
                 "state_dict": policy.state_dict()}, ckpt)
+    from toolkit.encoders import spawnnet_features
+
+    built = []
+    monkeypatch.setattr(spawnnet_features, "build_encoder",
+                        lambda args, f=spawnnet_features.build_encoder: built.append(f(args)) or built[-1])
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "toolkit.encoders.spawnnet_features", "--data",
-                           str(_episode_file(tmp_path / "tiny.hdf5")), "--out", str(out), "--frames", "2",
-                           "--checkpoint", str(ckpt)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    written = spawnnet_features.main(["--data", str(_episode_file(tmp_path / "tiny.hdf5")), "--out", str(out),
+                                      "--frames", "2", "--checkpoint", str(ckpt)])
+    assert built[0].taps == [5, 11]
+    torch.testing.assert_close(built[0].head[1].weight, policy.encoder.head[1].weight)
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 2 and proc.stdout.split() == [str(p) for p in pngs]
+    assert len(pngs) == 2 and sorted(written) == pngs
     for p in pngs:
         with Image.open(p) as im:
-            assert im.format == "PNG"
+            assert im.format == "PNG" and im.size[0] > 2 * im.size[1]  # input + 2 taps + output

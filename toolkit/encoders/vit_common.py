@@ -50,8 +50,14 @@ class TimmViTEncoder(Encoder):
         check_choice("pool", pool, POOLS)
         super().__init__(freeze, image_size=image_size, mean=mean, std=std, train_last_blocks=train_last_blocks)
         self.variant, self.pool, self.weights_path = variant, pool, weights_path
-        self.model = timm.create_model(model_name, pretrained=False, img_size=image_size, num_classes=0, **model_kwargs)
-        if weights_path is not None:
+        kwargs = dict(pretrained=False, img_size=image_size, num_classes=0, **model_kwargs)
+        if weights_path is None:
+            self.model = timm.create_model(model_name, **kwargs)
+        else:
+            # every weight comes from the checkpoint (strict load): skip the random init (ViT-g: ~1B params)
+            with torch.device("meta"):
+                self.model = timm.create_model(model_name, **kwargs)
+            self.model.to_empty(device=self.pixel_mean.device)
             self.load_weights(weights_path, convert)
         self.patch_size = int(self.model.patch_embed.patch_size[0])
         self.out_dim = int(self.model.embed_dim)

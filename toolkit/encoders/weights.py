@@ -20,10 +20,11 @@ from toolkit.errors import ToolkitError
 
 
 def cache_dirs() -> list[Path]:
-    """Where ``auto`` looks: torch hub checkpoints, the HF hub cache, open_clip's cache."""
+    """Where ``auto`` looks: torch hub checkpoints, the HF hub cache, OpenAI CLIP's / open_clip's cache, and R3M's
+    (``~/.r3m``, where ``r3m.load_r3m`` puts ``r3m_50/model.pt``; ``~/.cache/r3m`` too)."""
     hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
     hf = Path(os.environ.get("HF_HUB_CACHE", Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"))
-    return [hub, hf, Path.home() / ".cache" / "clip", Path.home() / ".cache" / "r3m"]
+    return [hub, hf, Path.home() / ".cache" / "clip", Path.home() / ".cache" / "r3m", Path.home() / ".r3m"]
 
 
 def resolve_weights(weights: str | os.PathLike | None, patterns: Sequence[str], what: str, published: str) -> Path | None:
@@ -75,12 +76,19 @@ def read_checkpoint(path: Path) -> Mapping[str, Any]:
 
 
 def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Load after key conversion, failing with the missing/unexpected keys by name."""
+    """Load after key conversion, failing with the missing/unexpected keys (or mismatched shapes) by name."""
+    def head(keys: list[str]) -> str:
+        return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+    # load_state_dict raises a bare RuntimeError on shape mismatches even with strict=False (a wrong variant)
+    own = module.state_dict()
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+                  if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    if mismatched:
+        raise ToolkitError(f"{path}: the checkpoint does not match {type(module).__name__} "
+                           f"(shapes, checkpoint vs model: {head(mismatched)}). Is it the right model variant?")
     result = module.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        def head(keys: list[str]) -> str:
-            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
-
         raise ToolkitError(f"{path}: the checkpoint does not match {type(module).__name__} "
                            f"(missing: {head(result.missing_keys) or 'none'}; unexpected: {head(result.unexpected_keys) or 'none'}). "
                            f"Is it the right model variant?")
