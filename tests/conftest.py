@@ -28,7 +28,9 @@ def tiny_file(tmp_path_factory) -> Path:
 
 def run_train(*overrides: str, root: Path, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
     """Run `python train.py debug=fast` in a subprocess, with data and logs under ``root``."""
-    cmd = [sys.executable, str(ROOT / "train.py"), "debug=fast", f"paths.root_dir={root}", *overrides]
+    flags = [o for o in overrides if o.startswith("-")]  # Hydra wants -m etc. before the overrides
+    cmd = [sys.executable, str(ROOT / "train.py"), *flags, "debug=fast", f"paths.root_dir={root}",
+           *[o for o in overrides if not o.startswith("-")]]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

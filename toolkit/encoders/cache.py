@@ -30,7 +30,7 @@ def weights_hash(module: torch.nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
         t = tensor.detach().cpu().contiguous()
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
