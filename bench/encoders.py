@@ -113,7 +113,10 @@ def main() -> None:
     for name in names:
         rows.append((name, images_per_s(name, 224), images_per_s(name, 84)))
     lines = ["| encoder (default variant) | images/s at 224 px | images/s at 84 px |", "|---|---|---|"]
-    lines += [f"| {n} | {a:.1f} | {b:.1f} |" if a and b else f"| {n} | {a or 'n/a'} | {b or 'n/a'} |" for n, a, b in rows]
+    def fmt(v: float | None) -> str:
+        return f"{v:.1f}" if v else "n/a"
+
+    lines += [f"| {n} | {fmt(a)} | {fmt(b)} |" for n, a, b in rows]
     table = "\n".join(lines)
     print(table)
 

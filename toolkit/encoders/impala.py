@@ -9,7 +9,9 @@ from torch import nn
 from toolkit.encoders.base import Encoder
 
 
-class _Residual(nn.Module):
+class ResidualBlock(nn.Module):
+    """Two 3x3 convs with pre-activation ReLUs and a skip connection (IMPALA's, reused by SpawnNet)."""
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv0 = nn.Conv2d(channels, channels, 3, padding=1)
@@ -23,7 +25,7 @@ def _stage(in_ch: int, out_ch: int, num_blocks: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_ch, out_ch, 3, padding=1),
         nn.MaxPool2d(3, stride=2, padding=1),
-        *[_Residual(out_ch) for _ in range(num_blocks)],
+        *[ResidualBlock(out_ch) for _ in range(num_blocks)],
     )
 
 

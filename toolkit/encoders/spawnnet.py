@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from toolkit.encoders.base import Encoder
+from toolkit.encoders.impala import ResidualBlock
 from toolkit.errors import ToolkitError
 
 
@@ -40,16 +41,6 @@ def _down(side: int) -> int:
     return (side + 1) // 2
 
 
-class _Residual(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv0 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv1(torch.relu(self.conv0(torch.relu(x))))
-
-
 class _Stage(nn.Module):
     """Conv + max-pool (halves the resolution), fuse the resized backbone tap, residual refinement."""
 
@@ -58,7 +49,7 @@ class _Stage(nn.Module):
         self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
         self.fuse = nn.Conv2d(out_ch + adapter_ch, out_ch, 3, padding=1)
-        self.refine = nn.Sequential(*[_Residual(out_ch) for _ in range(num_blocks)])
+        self.refine = nn.Sequential(*[ResidualBlock(out_ch) for _ in range(num_blocks)])
 
     def forward(self, x: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.conv(x))

@@ -60,19 +60,21 @@ def read_checkpoint(path: Path) -> Mapping[str, Any]:
 
         return load_file(str(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _torch_load(path, weights_only=True)
+    except ToolkitError:
+        raise
+    except Exception:
+        # Older official checkpoints pickle extra objects (argparse Namespace in MAE's 'args').
+        return _torch_load(path, weights_only=False)
+
+
+def _torch_load(path: Path, weights_only: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
     except RuntimeError as e:
         if "TorchScript" in str(e) or "constants.pkl" in str(e):
             return torch.jit.load(str(path), map_location="cpu").state_dict()
         raise ToolkitError(f"{path}: cannot read the checkpoint ({e})") from None
-    except Exception:
-        # Older official checkpoints pickle extra objects (argparse Namespace in MAE's 'args').
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except RuntimeError as e:
-            if "TorchScript" in str(e) or "constants.pkl" in str(e):
-                return torch.jit.load(str(path), map_location="cpu").state_dict()
-            raise ToolkitError(f"{path}: cannot read the checkpoint ({e})") from None
 
 
 def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
