@@ -149,10 +149,15 @@ def test_dinov2_timm_safetensors_resampled(tmp_path, dino_s_ref):
     torch.testing.assert_close(enc(images(2, 100, 120)), want)
 
 
-def test_mae_model_dict(tmp_path):
+@pytest.mark.parametrize("fmt", ["mae_pth", "timm_safetensors"])
+def test_mae_model_dict(tmp_path, fmt):
     ref = reference("vit_base_patch16_224", 224, seed=3)
-    pth = tmp_path / "mae_pretrain_vit_base.pth"
-    torch.save({"model": ref.state_dict()}, pth)
+    if fmt == "mae_pth":  # the official MAE release: {'model': state_dict}
+        pth = tmp_path / "mae_pretrain_vit_base.pth"
+        torch.save({"model": ref.state_dict()}, pth)
+    else:  # timm/vit_base_patch16_224.mae on the HF hub
+        pth = tmp_path / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(pth))
     imgs = images(2, 64, 64)
     enc = MAEEncoder("vitb16", weights=str(pth), pool="mean")
     x = enc.preprocess(imgs)
