@@ -136,3 +136,21 @@ def existing_episodes_safe(path: Path) -> int:
         return existing_episodes(path)[0]
     except (ToolkitError, OSError, KeyError):
         return 0
+
+
+def test_mixed_quality_file_records_each_source(tmp_path):
+    """The recipe of the README: expert episodes, then noisy ones, in one file."""
+    path = tmp_path / "mixed.hdf5"
+    collect(TINY_ENV, path, num_episodes=1, num_envs=1, only_success=False, progress=False)
+    collect(TINY_ENV, path, num_episodes=3, num_envs=1, only_success=False, progress=False,
+            action_noise=0.5, epsilon=0.3)
+    collect(TINY_ENV, path, num_episodes=4, num_envs=1, only_success=False, progress=False, policy="random")
+    with h5py.File(path) as f:
+        sources = [f["data"][n].attrs["source"] for n in episode_names(f)]
+        noisy = f["data/demo_1/actions"][()]
+        seeds = [int(f["data"][n].attrs["seed"]) for n in episode_names(f)]
+    assert sources == ["expert", "expert+noise(std=0.5,epsilon=0.3)", "expert+noise(std=0.5,epsilon=0.3)", "random"]
+    assert len(set(seeds)) == 4  # every episode at a fresh position
+    assert (np.abs(noisy) <= 1.0).all() and len(np.unique(noisy[:, 3])) > 1  # the expert's gripper is constant
+    with pytest.raises(ToolkitError, match="collect.policy='scripted'"):
+        collect(TINY_ENV, path, num_episodes=5, policy="scripted")

@@ -59,3 +59,20 @@ def test_dataloader_workers_read_the_same_batches(tiny_file, num_workers):
     np.testing.assert_array_equal(got.numpy(), np.stack([r["action"].numpy() for r in reference]))
     rgb = torch.cat([b["obs"]["rgb_corner4"] for b in batches])
     np.testing.assert_array_equal(rgb.numpy(), np.stack([r["obs"]["rgb_corner4"].numpy() for r in reference]))
+
+
+def test_transitions_pair_each_window_with_the_next(tiny_file):
+    with h5py.File(tiny_file) as f:
+        name = episode_names(f)[0]
+        state, rewards, dones = (f["data"][name][k][()] for k in ("obs/state", "rewards", "dones"))
+    ds = WindowDataset(tiny_file, [name], ["rgb_corner4", "state"], history=2, horizon=1, transitions=True)
+    last = len(ds) - 1
+    for i in range(len(ds)):
+        item = ds[i]
+        nxt = min(i + 1, last)
+        np.testing.assert_array_equal(item["next_obs"]["state"].numpy(), state[[max(nxt - 1, 0), nxt]])
+        np.testing.assert_array_equal(item["next_obs_is_pad"].numpy(), [nxt == 0, False])
+        assert item["reward"].item() == pytest.approx(float(rewards[i])) and item["done"].item() == float(dones[i])
+        if i < last:  # the next window's first frame is this window's last
+            np.testing.assert_array_equal(item["next_obs"]["rgb_corner4"][0].numpy(), item["obs"]["rgb_corner4"][1].numpy())
+    assert item["done"].item() == 1.0 and "next_obs" not in WindowDataset(tiny_file, [name], ["state"], 2, 1)[0]

@@ -38,14 +38,26 @@ def collect(
     only_success: bool = True,
     max_attempts: int | None = None,
     progress: bool = True,
+    policy: str = "expert",
+    action_noise: float = 0.0,
+    epsilon: float = 0.0,
 ) -> int:
-    """Collect expert episodes until ``path`` holds ``num_episodes``; returns how many it holds."""
+    """Collect episodes until ``path`` holds ``num_episodes``; returns how many it holds.
+
+    ``policy="expert"`` acts with the env's expert, perturbed by Gaussian ``action_noise`` (std, in action
+    units) and replaced by a uniformly random action with probability ``epsilon``; ``policy="random"``
+    acts uniformly at random. Each episode records what acted in its ``source`` attribute.
+    """
     from tqdm.auto import tqdm
 
     from gdict import GDict
     from toolkit.datamodules.episode_file import EpisodeWriter
     from toolkit.envs.vector import make_vector_env, reset_some
 
+    if policy not in ("expert", "random"):
+        raise ToolkitError(f"collect.policy={policy!r}: use expert or random")
+    source = "random" if policy == "random" else (
+        f"expert+noise(std={action_noise},epsilon={epsilon})" if action_noise or epsilon else "expert")
     path = Path(path)
     have, attempt = existing_episodes(path)
     if have >= num_episodes:
@@ -58,6 +70,18 @@ def collect(
         steps: list[list[dict]] = [[] for _ in range(num_envs)]
         env_attempt = np.full(num_envs, -1)
         rejected = 0
+        space = envs.single_action_space
+        rng = np.random.default_rng(seed + attempt)
+
+        def behaviour_actions() -> np.ndarray:
+            random = rng.uniform(space.low, space.high, (num_envs, *space.shape)).astype(np.float32)
+            if policy == "random":
+                return random
+            actions = np.stack(envs.call("expert_action"))
+            actions = actions + rng.normal(0.0, action_noise, actions.shape) if action_noise else actions
+            explore = rng.random(num_envs) < epsilon
+            actions[explore] = random[explore]
+            return np.clip(actions, space.low, space.high).astype(np.float32)
 
         def start(mask: np.ndarray, obs: dict | None = None) -> dict:
             nonlocal attempt
@@ -69,7 +93,7 @@ def collect(
         active = np.ones(num_envs, dtype=bool)
         obs = start(active)
         while active.any():
-            actions = np.stack(envs.call("expert_action"))
+            actions = behaviour_actions()
             next_obs, rewards, terminated, truncated, info = envs.step(actions)
             for i in np.flatnonzero(active):
                 steps[i].append({"obs": {k: v[i] for k, v in obs.items()}, "actions": actions[i],
@@ -82,7 +106,7 @@ def collect(
                         episode = GDict.stack(steps[i])
                         episode["dones"][-1] = 1
                         writer.append(episode, {"success": success, "seed": seed + int(env_attempt[i]),
-                                                "attempt": int(env_attempt[i]), "source": "expert"})
+                                                "attempt": int(env_attempt[i]), "source": source})
                         bar.update(1)
                 else:
                     rejected += 1
@@ -106,6 +130,13 @@ def collect(
     return writer.num_episodes
 
 
+def collect_from_config(cfg: Any) -> int:
+    """``collect`` with the ``env``, ``data`` (path, num_demos) and ``collect`` groups of a config."""
+    c = cfg.collect
+    return collect(cfg.env, cfg.data.path, cfg.data.num_demos, num_envs=c.num_envs, seed=c.seed,
+                   only_success=c.only_success, policy=c.policy, action_noise=c.action_noise, epsilon=c.epsilon)
+
+
 def _main() -> None:
     import hydra
 
@@ -116,8 +147,7 @@ def _main() -> None:
 
         with exit_on_user_error():
             check_env(cfg.env)
-            n = collect(cfg.env, cfg.data.path, cfg.data.num_demos, num_envs=cfg.collect.num_envs,
-                        seed=cfg.collect.seed, only_success=cfg.collect.only_success)
+            n = collect_from_config(cfg)
             print(f"{cfg.data.path}: {n} episodes")
 
     main()

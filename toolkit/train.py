@@ -23,7 +23,7 @@ def find_last_checkpoint(log_dir: str | Path, task_name: str) -> Path | None:
 
 def ensure_demos(cfg: DictConfig) -> None:
     """Collect into ``data.path`` until it holds ``data.num_demos`` episodes (a no-op when it does)."""
-    from toolkit.collect import collect, existing_episodes
+    from toolkit.collect import collect_from_config, existing_episodes
 
     path = Path(cfg.data.path)
     have, _ = existing_episodes(path)
@@ -37,15 +37,14 @@ def ensure_demos(cfg: DictConfig) -> None:
         raise ToolkitError(f"collect.seed={cfg.collect.seed} and callbacks.rollout.seed={rollout.seed} overlap: "
                            f"evaluation would replay training configurations")
     log.info(f"collecting {cfg.data.num_demos - have} demonstrations into {path}")
-    collect(cfg.env, path, cfg.data.num_demos, num_envs=cfg.collect.num_envs, seed=cfg.collect.seed,
-            only_success=cfg.collect.only_success)
+    collect_from_config(cfg)
 
 
 def train(cfg: DictConfig) -> dict:
     """Run the whole job; returns the summary (also written to ``<output_dir>/summary.json``)."""
     import lightning as L
     import torch
-    from hydra.utils import instantiate
+    from hydra.utils import get_class, instantiate
 
     from toolkit.config import check_types
     from toolkit.envs.vector import check_env
@@ -73,6 +72,7 @@ def train(cfg: DictConfig) -> dict:
         datamodule.feature_path = build_feature_cache(encoder, OmegaConf.to_container(cfg.encoder, resolve=True),
                                                       datamodule.path, image_keys)
         log.info(f"training on cached {type(encoder).__name__} features: {datamodule.feature_path}")
+    datamodule.transitions = getattr(get_class(cfg.policy._target_), "needs_transitions", False)
     datamodule.setup("fit")
     # _convert_="all": the policy's hyperparameters (saved in checkpoints) stay plain Python containers
     policy = instantiate(cfg.policy, encoder=encoder, shape_meta=datamodule.shape_meta,

@@ -36,6 +36,8 @@ class EpisodeDataModule(L.LightningDataModule):
         # read a frozen encoder's cached features instead of pixels (train.py builds the cache)
         self.feature_cache = feature_cache
         self.feature_path: Path | None = None
+        # offline RL policies need reward, done and next_obs (set by train.py from the policy class)
+        self.transitions = False
         self.train_set: WindowDataset | None = None
 
     def _keys(self, f) -> list[str]:
@@ -70,8 +72,11 @@ class EpisodeDataModule(L.LightningDataModule):
         if not train:
             raise ToolkitError(f"{self.path}: no training episodes among the first {self.num_demos}")
         self.stats = compute_stats(self.path, train, ["obs/state", "actions"])
-        self.train_set = WindowDataset(self.path, train, keys, self.history, self.horizon, self.feature_path)
-        self.valid_set = WindowDataset(self.path, valid, keys, self.history, self.horizon, self.feature_path) if valid else None
+        def windows(episodes: list[str]) -> WindowDataset:
+            return WindowDataset(self.path, episodes, keys, self.history, self.horizon, self.feature_path, self.transitions)
+
+        self.train_set = windows(train)
+        self.valid_set = windows(valid) if valid else None
 
     def _loader(self, dataset: WindowDataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,

@@ -32,15 +32,19 @@ class WindowDataset(Dataset):
 
     Images come out channels-first (``[T, 3, H, W]`` uint8). With a ``feature_path`` (a feature cache
     of a frozen encoder, see ``toolkit.encoders.cache``) every ``rgb_<camera>`` is replaced by
-    ``rgb_<camera>_features`` ``[T, N, D]`` float32 read from that file. One HDF5 handle per file and
+    ``rgb_<camera>_features`` ``[T, N, D]`` float32 read from that file. With ``transitions`` (offline RL)
+    a sample also has ``reward`` and ``done`` of step t and ``next_obs`` / ``next_obs_is_pad``, the window
+    ending at t + 1 (at an episode's last step, the same window; ``done`` is 1 there), read from the
+    same span of the file, so nothing is stored twice. One HDF5 handle per file and
     process (each DataLoader worker opens its own, on first use).
     """
 
     def __init__(self, path: str | Path, episodes: list[str], obs_keys: list[str], history: int, horizon: int,
-                 feature_path: str | Path | None = None) -> None:
+                 feature_path: str | Path | None = None, transitions: bool = False) -> None:
         self.path, self.obs_keys = Path(path), list(obs_keys)
         self.history, self.horizon = history, horizon
         self.feature_path = Path(feature_path) if feature_path else None
+        self.transitions = transitions
         self.image_keys = [k for k in self.obs_keys if k.startswith("rgb")]
         self.file_keys = [k for k in self.obs_keys if not (self.feature_path and k in self.image_keys)]
         with open_episode_file(self.path) as f:
@@ -68,23 +72,34 @@ class WindowDataset(Dataset):
         e, t = int(self.ep_of[i]), int(self.t_of[i])
         self._open()
         g = self._file["data"][self.episodes[e]]
-        obs_idx, obs_pad, act_idx, act_pad = window_indices(t, self.lengths[e], self.history, self.horizon)
+        length = self.lengths[e]
+        obs_idx, obs_pad, act_idx, act_pad = window_indices(t, length, self.history, self.horizon)
+        next_idx, next_pad, _, _ = window_indices(min(t + 1, length - 1), length, self.history, 1)
         # Read the contiguous span once, then expand the clamped (repeated) edge indices.
-        span = slice(obs_idx[0], obs_idx[-1] + 1)
+        span = slice(obs_idx[0], (next_idx if self.transitions else obs_idx)[-1] + 1)
         obs = GDict.from_hdf5(g["obs"], keys=self.file_keys, index=span)
         if self._features is not None:
             feats = GDict.from_hdf5(self._features["data"][self.episodes[e]]["obs"],
                                     keys=[f"{k}_features" for k in self.image_keys], index=span)
             obs = GDict({**obs.memory, **feats.memory})
-        obs = obs[obs_idx - obs_idx[0]]
         action = g["actions"][act_idx[0]: act_idx[-1] + 1][act_idx - act_idx[0]]
-        out = {k: (np.moveaxis(v, -1, 1) if k in self.image_keys else v.astype(np.float32)) for k, v in obs.items_flat()}
-        return {
-            "obs": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()},
+        sample = {
+            "obs": self._to_torch(obs[obs_idx - obs_idx[0]]),
             "obs_is_pad": torch.from_numpy(obs_pad),
             "action": torch.from_numpy(action.astype(np.float32)),
             "action_is_pad": torch.from_numpy(act_pad),
         }
+        if self.transitions:
+            sample["next_obs"] = self._to_torch(obs[next_idx - obs_idx[0]])
+            sample["next_obs_is_pad"] = torch.from_numpy(next_pad)
+            sample["reward"] = torch.tensor(float(g["rewards"][t]))
+            sample["done"] = torch.tensor(float(g["dones"][t]))
+        return sample
+
+    def _to_torch(self, obs: GDict) -> dict[str, torch.Tensor]:
+        """Images channels-first uint8, everything else float32."""
+        return {k: torch.from_numpy(np.ascontiguousarray(np.moveaxis(v, -1, 1) if k in self.image_keys else v.astype(np.float32)))
+                for k, v in obs.items_flat()}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

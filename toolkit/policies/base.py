@@ -36,8 +36,11 @@ class PolicyModule(L.LightningModule):
     """Base class: normalization, image encoding, rollout history, optimizers.
 
     Subclasses implement ``predict(obs, obs_is_pad) -> normalized actions [B, H, A]`` and
-    ``compute_loss(batch) -> dict`` (with the key ``loss``).
+    ``compute_loss(batch) -> dict`` (with the key ``loss``). Offline RL policies set
+    ``needs_transitions = True`` to get ``reward``, ``done`` and ``next_obs`` in their batches.
     """
+
+    needs_transitions: bool = False
 
     def __init__(
         self,

@@ -1,0 +1,260 @@
+"""Implicit Q-Learning (Kostrikov et al., 2021), as used by SPRINT (Zhang et al., 2023), on pixels + state.
+
+Networks (all on one shared observation feature ``z = trunk(encoder(images), state[, lang])``):
+  V(z), twin Q1/Q2(z, a) with Polyak-averaged target copies, and an actor pi(z).
+Losses (all computed in ``compute_loss``, top to bottom, on the batch's step t = the window's last step):
+  value  : expectile regression of V(s) towards min(Q1', Q2')(s, a)            (expectile 0.7)
+  critic : MSE of Q_i(s, a) towards r + gamma * (1 - done) * V(s')             (gamma 0.99)
+  actor  : advantage-weighted regression, weights exp(beta * (minQ'(s,a) - V(s))) clipped at 100 (beta 3)
+The three losses are summed and back-propagated once; ``detach`` decides which loss reaches which
+network (as CORL's IQL, every loss uses the pre-update V and target Q), so one Adam with two parameter
+groups replaces separate optimizers: the critic group (V, Q, and by default encoder + trunk) keeps a
+constant learning rate, the actor group is cosine-decayed (IQL paper). Automatic optimization is kept,
+so the trainer's ``gradient_clip_val`` still works (clipped per group here, see
+``configure_gradient_clipping``) and ``trainer.global_step`` counts batches. Target Qs are updated
+after every optimizer step (``optimizer_step``).
+
+Design choices:
+  * The trunk (``ObsTrunk``) is the BC transformer's tokenization made reusable: per history step image
+    tokens, a state token, an optional instruction token and a readout token, block-causal attention
+    over time, and the last step's readout is ``z``. The target networks are copies of the Q *heads*
+    only; they read the online trunk's (detached) features, so there is no second image encoder.
+  * ``encoder_updated_by`` (critic | actor | all) picks the loss whose gradients reach encoder + trunk;
+    the other heads read ``z.detach()``.
+  * One action per observation: ``action[:, 0]`` is the action of step t; ``predict`` repeats the
+    actor's (mean) action over the horizon H.
+  * Discrete actions (``action_type=discrete``): ``action[..., 0]`` holds integer indices, Q heads output
+    one value per action, the actor is categorical (weighted cross-entropy) and ``predict`` returns the
+    argmax index as a float ``[B, H, 1]`` (not normalized).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from toolkit.policies.base import PolicyModule
+
+
+def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
+    """IQL's asymmetric L2 on ``u = target - prediction``: ``|expectile - 1(u < 0)| * u^2`` (per element)."""
+    return torch.abs(expectile - (u < 0).float()) * u.pow(2)
+
+
+def awr_weights(advantage: torch.Tensor, beta: float, max_weight: float = 100.0) -> torch.Tensor:
+    """Advantage-weighted regression weights ``exp(beta * A)`` clipped at ``max_weight`` (no gradient)."""
+    return torch.exp(beta * advantage.detach()).clamp(max=max_weight)
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> nn.Sequential:
+    dims = [in_dim] + [hidden] * layers
+    body = [m for i in range(layers) for m in (nn.Linear(dims[i], dims[i + 1]), nn.ReLU())]
+    return nn.Sequential(*body, nn.Linear(dims[-1], out_dim))
+
+
+class ObsTrunk(nn.Module):
+    """Observation history -> one feature vector ``[B, d_model]``.
+
+    Per step: image tokens (projected), a state token, an optional instruction token (the same projected
+    ``lang`` at every step) and a readout token, plus time and slot embeddings. Attention is
+    block-causal over time (a step sees its own tokens and earlier steps'); padded steps hold copies of
+    the episode's first frame (see BCTransformer), so they need no mask. Returns the last step's readout.
+    """
+
+    def __init__(self, num_image_tokens: int, image_dim: int, state_dim: int, history: int, d_model: int = 128,
+                 num_layers: int = 2, num_heads: int = 4, dropout: float = 0.0, lang_dim: int | None = None) -> None:
+        super().__init__()
+        self.tokens_per_step = num_image_tokens + 2 + (lang_dim is not None)
+        self.image_proj = nn.Linear(image_dim, d_model)
+        self.state_proj = nn.Linear(state_dim, d_model)
+        self.lang_proj = nn.Linear(lang_dim, d_model) if lang_dim is not None else None
+        self.readout = nn.Parameter(torch.zeros(d_model))
+        self.time_emb = nn.Parameter(torch.zeros(history, 1, d_model))
+        self.slot_emb = nn.Parameter(torch.zeros(1, self.tokens_per_step, d_model))
+        nn.init.trunc_normal_(self.time_emb, std=0.02)
+        nn.init.trunc_normal_(self.slot_emb, std=0.02)
+        layer = nn.TransformerEncoderLayer(d_model, num_heads, 4 * d_model, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        step = torch.arange(history).repeat_interleave(self.tokens_per_step)
+        self.register_buffer("causal_mask", step[None, :] > step[:, None], persistent=False)
+
+    def forward(self, image_tokens: torch.Tensor, state: torch.Tensor, lang: torch.Tensor | None = None) -> torch.Tensor:
+        """``image_tokens [B, T, N, D]``, normalized ``state [B, T, Ds]``, ``lang [B, Dl]`` -> ``[B, d_model]``."""
+        b, t = state.shape[:2]
+        parts = [self.image_proj(image_tokens), self.state_proj(state)[:, :, None]]
+        if self.lang_proj is not None:
+            if lang is None:
+                raise ValueError("this policy was built with lang_dim: the batch / obs must hold 'lang' [B, Dl]")
+            parts.append(self.lang_proj(lang.float())[:, None, None].expand(b, t, 1, -1))
+        parts.append(self.readout.expand(b, t, 1, -1))
+        tokens = torch.cat(parts, dim=2) + self.time_emb[:t] + self.slot_emb
+        n = t * self.tokens_per_step
+        out = self.transformer(tokens.flatten(1, 2), mask=self.causal_mask[:n, :n])
+        return self.norm(out[:, -1])
+
+
+class IQLPolicy(PolicyModule):
+    def __init__(
+        self,
+        *args,
+        expectile: float = 0.7,
+        beta: float = 3.0,
+        max_weight: float = 100.0,
+        gamma: float = 0.99,
+        tau: float = 0.005,
+        actor_head: str = "deterministic",
+        action_type: str = "continuous",
+        num_actions: int | None = None,
+        encoder_updated_by: str = "critic",
+        actor_cosine_steps: int | None = None,
+        lang_dim: int | None = None,
+        d_model: int = 128,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        dropout: float = 0.0,
+        hidden_dim: int = 256,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if self.scheduler_fn is not None:
+            raise ValueError("policy.scheduler must be null for IQL: it cosine-decays the actor's lr itself "
+                             "(policy.actor_cosine_steps)")
+        if actor_head not in ("deterministic", "gaussian"):
+            raise ValueError(f"policy.actor_head must be 'deterministic' or 'gaussian', got {actor_head!r}")
+        if action_type not in ("continuous", "discrete"):
+            raise ValueError(f"policy.action_type must be 'continuous' or 'discrete', got {action_type!r}")
+        if action_type == "discrete" and not num_actions:
+            raise ValueError("policy.action_type=discrete needs policy.num_actions")
+        if encoder_updated_by not in ("critic", "actor", "all"):
+            raise ValueError(f"policy.encoder_updated_by must be critic|actor|all, got {encoder_updated_by!r}")
+        self.expectile, self.beta, self.max_weight = expectile, beta, max_weight
+        self.gamma, self.tau = gamma, tau
+        self.actor_head, self.discrete = actor_head, action_type == "discrete"
+        self.encoder_updated_by, self.actor_cosine_steps = encoder_updated_by, actor_cosine_steps
+
+        self.trunk = ObsTrunk(len(self.rgb_keys) * self.encoder.num_tokens, self.encoder.out_dim, self.state_dim,
+                              self.history, d_model, num_layers, num_heads, dropout, lang_dim)
+        q_in, q_out = (d_model, num_actions) if self.discrete else (d_model + self.action_dim, 1)
+        self.q1, self.q2 = mlp(q_in, hidden_dim, q_out), mlp(q_in, hidden_dim, q_out)
+        self.target_q1, self.target_q2 = copy.deepcopy(self.q1), copy.deepcopy(self.q2)
+        self.target_q1.requires_grad_(False)
+        self.target_q2.requires_grad_(False)
+        self.value = mlp(d_model, hidden_dim, 1)
+        self.actor = mlp(d_model, hidden_dim, num_actions if self.discrete else self.action_dim)
+        # Gaussian head: state-independent log std (as IQL's reference implementation)
+        self.log_std = nn.Parameter(torch.zeros(self.action_dim)) if actor_head == "gaussian" else None
+
+    # --- networks -------------------------------------------------------------------------------
+    def features(self, obs: dict[str, torch.Tensor], lang: torch.Tensor | None = None) -> torch.Tensor:
+        return self.trunk(self.encode_images(obs), self.state_norm.normalize(obs["state"]), lang)
+
+    def q_values(self, z: torch.Tensor, action: torch.Tensor, target: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q1, Q2 ``[B]`` at ``action`` (normalized ``[B, A]``, or indices ``[B]`` when discrete)."""
+        q1, q2 = (self.target_q1, self.target_q2) if target else (self.q1, self.q2)
+        if self.discrete:
+            index = action.long()[:, None]
+            return q1(z).gather(1, index)[:, 0], q2(z).gather(1, index)[:, 0]
+        za = torch.cat([z, action], dim=-1)
+        return q1(za)[:, 0], q2(za)[:, 0]
+
+    def predict(self, obs: dict[str, torch.Tensor], obs_is_pad: torch.Tensor) -> torch.Tensor:
+        """The actor's mode, repeated over the horizon: normalized ``[B, H, A]`` (discrete: argmax ``[B, H, 1]``)."""
+        out = self.actor(self.features(obs, obs.get("lang")))
+        action = out.argmax(-1, keepdim=True).float() if self.discrete else out
+        return action[:, None].expand(-1, self.horizon, -1)
+
+    # --- losses ---------------------------------------------------------------------------------
+    def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        lang = batch.get("lang")
+        if self.discrete:
+            action = batch["action"][:, 0, 0].long()  # [B] indices
+        else:
+            action = self.action_norm.normalize(batch["action"][:, 0].float())  # [B, A]
+        reward, done = batch["reward"].float(), batch["done"].float()
+
+        # shared features; the loss named by encoder_updated_by is the only one reaching encoder + trunk
+        z = self.features(batch["obs"], lang)
+        z_critic = z if self.encoder_updated_by in ("critic", "all") else z.detach()
+        z_actor = z if self.encoder_updated_by in ("actor", "all") else z.detach()
+        with torch.no_grad():
+            v_next = self.value(self.features(batch["next_obs"], lang))[:, 0]
+            q_target = torch.minimum(*self.q_values(z.detach(), action, target=True))
+
+        # value: expectile regression of V(s) towards min target Q(s, a)
+        v = self.value(z_critic)[:, 0]
+        advantage = q_target - v
+        value_loss = expectile_loss(advantage, self.expectile).mean()
+
+        # critic: TD regression of both Qs towards r + gamma (1 - done) V(s')
+        td_target = reward + self.gamma * (1.0 - done) * v_next
+        q1, q2 = self.q_values(z_critic, action)
+        q_loss = nn.functional.mse_loss(q1, td_target) + nn.functional.mse_loss(q2, td_target)
+
+        # actor: advantage-weighted regression (weights use the pre-update V, detached)
+        weights = awr_weights(advantage, self.beta, self.max_weight)
+        out = self.actor(z_actor)
+        if self.discrete:
+            actor_nll = nn.functional.cross_entropy(out, action, reduction="none")
+        elif self.actor_head == "gaussian":
+            dist = torch.distributions.Normal(out, self.log_std.clamp(-5.0, 2.0).exp())
+            actor_nll = -dist.log_prob(action).sum(-1)
+        else:
+            actor_nll = (out - action).pow(2).sum(-1)
+        actor_loss = (weights * actor_nll).mean()
+
+        advantage = advantage.detach()
+        return {"loss": value_loss + q_loss + actor_loss,
+                "value_loss": value_loss, "q_loss": q_loss, "actor_loss": actor_loss,
+                "q1": q1.detach().mean(), "q2": q2.detach().mean(), "v": v.detach().mean(),
+                "adv_mean": advantage.mean(), "adv_std": advantage.std(correction=0), "adv_max": advantage.max(),
+                "weight_mean": weights.mean(), "weight_max": weights.max()}
+
+    # --- optimization ---------------------------------------------------------------------------
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters: ``critic`` (V, Q) and ``actor``; encoder + trunk join the group of
+        ``encoder_updated_by`` (the critic's for ``all``)."""
+        shared = [p for m in (self.encoder, self.trunk) for p in m.parameters() if p.requires_grad]
+        critic = [p for m in (self.q1, self.q2, self.value) for p in m.parameters()]
+        actor = list(self.actor.parameters()) + ([self.log_std] if self.log_std is not None else [])
+        if self.encoder_updated_by == "actor":
+            return {"critic": critic, "actor": shared + actor}
+        return {"critic": shared + critic, "actor": actor}
+
+    def configure_optimizers(self):
+        groups = self.param_groups()
+        optimizer = self.optimizer_fn(params=[{"params": groups["critic"], "name": "critic"},
+                                              {"params": groups["actor"], "name": "actor"}], lr=self.lr)
+        steps = self.actor_cosine_steps
+
+        def actor_factor(step: int) -> float:  # CosineAnnealingLR(T_max=steps, eta_min=0)
+            return 1.0 if not steps else 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda step: 1.0, actor_factor])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """The trainer's ``gradient_clip_val`` applied to critic and actor separately (as two optimizers
+        would), so a large critic gradient does not shrink the actor's step."""
+        if not gradient_clip_val:
+            return
+        for group in optimizer.param_groups:
+            if gradient_clip_algorithm == "value":
+                nn.utils.clip_grad_value_(group["params"], gradient_clip_val)
+            else:
+                nn.utils.clip_grad_norm_(group["params"], gradient_clip_val)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_targets()
+
+    @torch.no_grad()
+    def update_targets(self) -> None:
+        """Polyak averaging: ``target <- (1 - tau) * target + tau * online``."""
+        for online, target in ((self.q1, self.target_q1), (self.q2, self.target_q2)):
+            for p, tp in zip(online.parameters(), target.parameters()):
+                tp.lerp_(p, self.tau)
