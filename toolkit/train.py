@@ -97,7 +97,8 @@ def train(cfg: DictConfig) -> dict:
 
     rollout = callbacks.get("rollout")
     best, last = callbacks.get("best_checkpoint"), callbacks.get("last_checkpoint")
-    train_time = fit_time - (rollout.total_time_s if rollout else 0.0)
+    # time spent rolling out (evaluation, DAgger) is not training time
+    train_time = fit_time - sum(getattr(c, "total_time_s", 0.0) for c in callbacks.values())
     summary = {
         **(rollout.last if rollout else {}),
         "global_step": trainer.global_step,

@@ -78,6 +78,23 @@ class EpisodeDataModule(L.LightningDataModule):
         self.train_set = windows(train)
         self.valid_set = windows(valid) if valid else None
 
+    def refresh(self) -> None:
+        """Re-read the file's episode list after episodes were appended (DAgger): from now on every
+        episode in the file is used (``num_demos`` becomes None), split by the file's masks. The
+        normalization ``stats`` stay those of the initial data (the policy's normalizers are fixed)."""
+        if self.train_set is None:
+            self.setup("fit")
+        self.num_demos = None
+        with open_episode_file(self.path) as f:
+            names = set(episode_names(f))
+            train = [n for n in read_split(f, "train") if n in names]
+            valid = [n for n in read_split(f, "valid") if n in names]
+        keys = self.train_set.obs_keys
+        self.train_set = WindowDataset(self.path, train, keys, self.history, self.horizon, self.feature_path,
+                                       self.transitions)
+        self.valid_set = (WindowDataset(self.path, valid, keys, self.history, self.horizon, self.feature_path,
+                                        self.transitions) if valid else None)
+
     def _loader(self, dataset: WindowDataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, drop_last=shuffle and len(dataset) > self.batch_size)
