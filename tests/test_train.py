@@ -133,3 +133,12 @@ def test_frozen_encoder_trains_on_cached_features(tmp_path):
     # a second run reuses the cache
     run_train("encoder.freeze=true", root=tmp_path)
     assert list(Path(tmp_path, "data").glob("*.features/ImpalaEncoder-*.hdf5")) == caches
+
+
+def test_iql_trains_end_to_end_on_transitions(tmp_path):
+    run_train("policy=iql", root=tmp_path)
+    s = summary_of(tmp_path)
+    assert s["global_step"] == 4 and 0.0 <= s["rollout/success_rate"] <= 1.0
+    metrics = Path(s["logs"][0], "metrics.csv").read_text().splitlines()[0]
+    for key in ("train/value_loss", "train/q_loss", "train/actor_loss", "train/adv_mean", "val/loss"):
+        assert key in metrics

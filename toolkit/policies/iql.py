@@ -99,6 +99,8 @@ class ObsTrunk(nn.Module):
 
 
 class IQLPolicy(PolicyModule):
+    needs_transitions = True  # batches carry reward, done and next_obs
+
     def __init__(
         self,
         *args,
