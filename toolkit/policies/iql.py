@@ -15,7 +15,7 @@ so the trainer's ``gradient_clip_val`` still works (clipped per group here, see
 after every optimizer step (``optimizer_step``).
 
 Design choices:
-  * The trunk (``ObsTrunk``) is the BC transformer's tokenization made reusable: per history step image
+  * The trunk (``toolkit.policies.trunk.ObsTrunk``, shared with the BC transformer): per history step image
     tokens, a state token, an optional instruction token and a readout token, block-causal attention
     over time, and the last step's readout is ``z``. The target networks are copies of the Q *heads*
     only; they read the online trunk's (detached) features, so there is no second image encoder.
@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from toolkit.policies.base import PolicyModule
+from toolkit.policies.trunk import ObsTrunk
 
 
 def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
@@ -53,49 +54,6 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> nn.Sequentia
     dims = [in_dim] + [hidden] * layers
     body = [m for i in range(layers) for m in (nn.Linear(dims[i], dims[i + 1]), nn.ReLU())]
     return nn.Sequential(*body, nn.Linear(dims[-1], out_dim))
-
-
-class ObsTrunk(nn.Module):
-    """Observation history -> one feature vector ``[B, d_model]``.
-
-    Per step: image tokens (projected), a state token, an optional instruction token (the same projected
-    ``lang`` at every step) and a readout token, plus time and slot embeddings. Attention is
-    block-causal over time (a step sees its own tokens and earlier steps'); padded steps hold copies of
-    the episode's first frame (see BCTransformer), so they need no mask. Returns the last step's readout.
-    """
-
-    def __init__(self, num_image_tokens: int, image_dim: int, state_dim: int, history: int, d_model: int = 128,
-                 num_layers: int = 2, num_heads: int = 4, dropout: float = 0.0, lang_dim: int | None = None) -> None:
-        super().__init__()
-        self.tokens_per_step = num_image_tokens + 2 + (lang_dim is not None)
-        self.image_proj = nn.Linear(image_dim, d_model)
-        self.state_proj = nn.Linear(state_dim, d_model)
-        self.lang_proj = nn.Linear(lang_dim, d_model) if lang_dim is not None else None
-        self.readout = nn.Parameter(torch.zeros(d_model))
-        self.time_emb = nn.Parameter(torch.zeros(history, 1, d_model))
-        self.slot_emb = nn.Parameter(torch.zeros(1, self.tokens_per_step, d_model))
-        nn.init.trunc_normal_(self.time_emb, std=0.02)
-        nn.init.trunc_normal_(self.slot_emb, std=0.02)
-        layer = nn.TransformerEncoderLayer(d_model, num_heads, 4 * d_model, dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d_model)
-        step = torch.arange(history).repeat_interleave(self.tokens_per_step)
-        self.register_buffer("causal_mask", step[None, :] > step[:, None], persistent=False)
-
-    def forward(self, image_tokens: torch.Tensor, state: torch.Tensor, lang: torch.Tensor | None = None) -> torch.Tensor:
-        """``image_tokens [B, T, N, D]``, normalized ``state [B, T, Ds]``, ``lang [B, Dl]`` -> ``[B, d_model]``."""
-        b, t = state.shape[:2]
-        parts = [self.image_proj(image_tokens), self.state_proj(state)[:, :, None]]
-        if self.lang_proj is not None:
-            if lang is None:
-                raise ValueError("this policy was built with lang_dim: the batch / obs must hold 'lang' [B, Dl]")
-            parts.append(self.lang_proj(lang.float())[:, None, None].expand(b, t, 1, -1))
-        parts.append(self.readout.expand(b, t, 1, -1))
-        tokens = torch.cat(parts, dim=2) + self.time_emb[:t] + self.slot_emb
-        n = t * self.tokens_per_step
-        out = self.transformer(tokens.flatten(1, 2), mask=self.causal_mask[:n, :n])
-        return self.norm(out[:, -1])
 
 
 class IQLPolicy(PolicyModule):
