@@ -72,11 +72,11 @@ class EpisodeDataModule(L.LightningDataModule):
         if not train:
             raise ToolkitError(f"{self.path}: no training episodes among the first {self.num_demos}")
         self.stats = compute_stats(self.path, train, ["obs/state", "actions"])
-        def windows(episodes: list[str]) -> WindowDataset:
-            return WindowDataset(self.path, episodes, keys, self.history, self.horizon, self.feature_path, self.transitions)
+        self.train_set = self._windows(train, keys)
+        self.valid_set = self._windows(valid, keys) if valid else None
 
-        self.train_set = windows(train)
-        self.valid_set = windows(valid) if valid else None
+    def _windows(self, episodes: list[str], keys: list[str]) -> WindowDataset:
+        return WindowDataset(self.path, episodes, keys, self.history, self.horizon, self.feature_path, self.transitions)
 
     def refresh(self) -> None:
         """Re-read the file's episode list after episodes were appended (DAgger): from now on every
@@ -90,10 +90,8 @@ class EpisodeDataModule(L.LightningDataModule):
             train = [n for n in read_split(f, "train") if n in names]
             valid = [n for n in read_split(f, "valid") if n in names]
         keys = self.train_set.obs_keys
-        self.train_set = WindowDataset(self.path, train, keys, self.history, self.horizon, self.feature_path,
-                                       self.transitions)
-        self.valid_set = (WindowDataset(self.path, valid, keys, self.history, self.horizon, self.feature_path,
-                                        self.transitions) if valid else None)
+        self.train_set = self._windows(train, keys)
+        self.valid_set = self._windows(valid, keys) if valid else None
 
     def _loader(self, dataset: WindowDataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
