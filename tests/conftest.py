@@ -31,7 +31,9 @@ def run_train(*overrides: str, root: Path, timeout: int = 300, check: bool = Tru
     flags = [o for o in overrides if o.startswith("-")]  # Hydra wants -m etc. before the overrides
     cmd = [sys.executable, str(ROOT / "train.py"), *flags, "debug=fast", f"paths.root_dir={root}",
            *[o for o in overrides if not o.startswith("-")]]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    # tests/ on the path: configs may name test-only classes (e.g. self_killing_env.SelfKillingMetaWorldEnv)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

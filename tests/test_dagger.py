@@ -171,3 +171,26 @@ def test_overlapping_seeds_are_refused():
     trainer = SimpleNamespace(datamodule=SimpleNamespace(refresh=None, feature_path=None))
     with pytest.raises(ToolkitError, match="overlap the evaluation"):
         cb.setup(trainer, None, "fit")
+
+
+def test_dagger_killed_between_episodes_keeps_them_and_resumes(tmp_path):
+    """SIGKILL after the first DAgger episode of an iteration (the env kills its process at the second one's
+    reset): the file stays readable and keeps that episode; `resume=true` restarts from the last checkpoint
+    and rolls out only the episode the iteration still missed."""
+    common = ["policy=dagger", "task_name=dagger_kill", "env.image_size=32", "env.max_episode_steps=12",
+              "callbacks.dagger.steps_per_iteration=3", "callbacks.dagger.iterations=1",
+              "callbacks.dagger.episodes_per_iteration=2", "callbacks.dagger.num_envs=1", "~callbacks.progress_bar"]
+    killed = run_train(*common, "env._target_=self_killing_env.SelfKillingMetaWorldEnv",
+                       "+env.kill_at_seed=2000001", root=tmp_path, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    (path,) = (tmp_path / "data").glob("*.hdf5")
+    before = _episodes(path)
+    assert [(e["source"], e.get("seed")) for e in before[2:]] == [("dagger_iter0", 2_000_000)]
+
+    resumed = run_train(*common, "resume=true", root=tmp_path)
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    after = _episodes(path)
+    assert [(e["source"], e.get("seed")) for e in after[2:]] == [("dagger_iter0", 2_000_000), ("dagger_iter0", 2_000_001)]
+    for old, new in zip(before, after):  # nothing finished before the kill was rewritten
+        np.testing.assert_array_equal(old["actions"], new["actions"])
+        np.testing.assert_array_equal(old["state"], new["state"])

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from toolkit.encoders.impala import ImpalaEncoder
-from toolkit.policies.iql import IQLPolicy, awr_weights, expectile_loss
+from toolkit.policies.iql import IQLPolicy, TwinQ, awr_weights, expectile_loss
 
 
 def make_policy(state_dim: int = 4, action_dim: int = 2, image_size: int = 16, **kwargs) -> IQLPolicy:
@@ -68,19 +68,48 @@ def test_losses_are_finite_and_follow_the_definitions(actor_head):
 
 def test_one_trainer_step_updates_targets_by_polyak():
     policy = make_policy()
-    old = {k: v.clone() for k, v in policy.q1.state_dict().items()}
-    torch.testing.assert_close(policy.target_q1.state_dict(), old)
+    old = {k: v.clone() for k, v in policy.q.state_dict().items()}
+    torch.testing.assert_close(policy.target_q.state_dict(), old)
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, gradient_clip_val=1.0, accelerator="cpu")
+                        enable_model_summary=False, gradient_clip_val=1.0, accelerator="cpu", log_every_n_steps=1)
     trainer.fit(policy, train_dataloaders=torch.utils.data.DataLoader([make_batch()], batch_size=None))
     assert trainer.global_step == 1
-    new = policy.q1.state_dict()
-    assert not torch.allclose(new["0.weight"], old["0.weight"])  # the online Q moved
-    for k, target in policy.target_q1.state_dict().items():
+    new = policy.q.state_dict()
+    assert not torch.allclose(new["weights.0"], old["weights.0"])  # the online Q moved
+    for k, target in policy.target_q.state_dict().items():
         torch.testing.assert_close(target, 0.995 * old[k] + 0.005 * new[k])
     for key in ("q1", "q2", "v", "adv_mean", "adv_std", "adv_max", "value_loss", "q_loss", "actor_loss",
                 "weight_mean", "loss"):
         assert f"train/{key}" in trainer.logged_metrics
+
+
+def test_twin_q_members_are_independent_mlps():
+    """The batched twin Q computes exactly two separate ReLU MLPs, and each member learns only from its loss."""
+    torch.manual_seed(0)
+    q = TwinQ(5, 16, 3)
+    x = torch.randn(7, 5)
+    out = q(x)
+    assert out.shape == (2, 7, 3)
+    for m in range(2):
+        h = torch.relu(x @ q.weights[0][m] + q.biases[0][m])
+        h = torch.relu(h @ q.weights[1][m] + q.biases[1][m])
+        torch.testing.assert_close(out[m], h @ q.weights[2][m] + q.biases[2][m])
+    out[0].sum().backward()
+    assert q.weights[0].grad[0].abs().sum() > 0 and q.weights[0].grad[1].abs().sum() == 0
+    bound = 1 / 5 ** 0.5  # nn.Linear's init range
+    assert q.weights[0].abs().max() <= bound and q.weights[0].std() > bound / 3
+
+
+def test_concat_trunk_is_an_mlp_on_stacked_features():
+    """policy.trunk=concat: z is the window's image features and normalized states, concatenated."""
+    policy = make_policy(trunk="concat", history=2)
+    batch = make_batch()
+    obs = {"rgb_features": torch.randn(8, 2, 1, 8), "state": batch["obs"]["state"]}
+    z = policy.features(obs)
+    torch.testing.assert_close(z, torch.cat([obs["rgb_features"].flatten(1), obs["state"].flatten(1)], -1))
+    assert not list(policy.trunk.parameters())
+    out = policy.compute_loss({**batch, "obs": obs, "next_obs": obs})
+    assert torch.isfinite(out["loss"])
 
 
 @pytest.mark.parametrize("mode", ["critic", "actor", "all"])

@@ -71,7 +71,8 @@ class MetaWorldEnv(RobotEnv):
         self._env._partially_observable = False
         del self._env.sawyer_observation_space  # cached_property, recomputed for the new observability
         self._env._set_task_called = True
-        self._env._freeze_rand_vec = True
+        self._env._freeze_rand_vec = False
+        self._env.seeded_rand_vec = True  # draw from self._env.np_random, which _reset seeds
         self._env.max_path_length = 10**9  # our base class owns the time limit
         # Fast software rendering: no shadow map, no multisampling (set before the first render).
         self._env.model.vis.quality.shadowsize = 0
@@ -88,11 +89,6 @@ class MetaWorldEnv(RobotEnv):
                 "state": gym.spaces.Box(-np.inf, np.inf, (4,), np.float32),
             }
         )
-
-    def object_position(self, seed: int) -> np.ndarray:
-        """The object/goal configuration an episode reset with ``seed`` gets."""
-        space = self._env._random_reset_space
-        return np.random.default_rng(seed).uniform(space.low, space.high)
 
     def _render(self) -> np.ndarray:
         if not self._renderer_tuned:
@@ -114,7 +110,9 @@ class MetaWorldEnv(RobotEnv):
     def _reset(self, seed: int | None) -> dict[str, Any]:
         if seed is None:
             seed = int(self._rng.integers(2**31))
-        self._env._last_rand_vec = self.object_position(seed)
+        # The task draws its object/goal vector from this generator, and draws again when it rejects one
+        # (pick-place rejects an object within 0.15 of the goal): a frozen vector would loop there forever.
+        self._env.np_random = np.random.default_rng(seed)
         self._raw_obs, _ = self._env.reset()
         return self._obs()
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from toolkit.policies.base import PolicyModule
-from toolkit.policies.trunk import ObsTrunk
+from toolkit.policies.trunk import make_trunk
 
 
 class BCTransformer(PolicyModule):
@@ -24,15 +24,17 @@ class BCTransformer(PolicyModule):
         dropout: float = 0.1,
         loss: str = "mse",
         lang_dim: int | None = None,
+        trunk: str = "transformer",
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         if loss not in ("mse", "l1"):
             raise ValueError(f"policy.loss must be 'mse' or 'l1', got {loss!r}")
         self.loss_fn = nn.functional.mse_loss if loss == "mse" else nn.functional.l1_loss
-        self.trunk = ObsTrunk(len(self.rgb_keys) * self.encoder.num_tokens, self.encoder.out_dim, self.state_dim,
-                              self.history, d_model, num_layers, num_heads, dropout, lang_dim)
-        self.head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, self.horizon * self.action_dim))
+        self.trunk = make_trunk(trunk, len(self.rgb_keys) * self.encoder.num_tokens, self.encoder.out_dim,
+                                self.state_dim, self.history, d_model, num_layers, num_heads, dropout, lang_dim)
+        self.head = nn.Sequential(nn.Linear(self.trunk.out_dim, d_model), nn.GELU(),
+                                  nn.Linear(d_model, self.horizon * self.action_dim))
 
     def predict(self, obs: dict[str, torch.Tensor], obs_is_pad: torch.Tensor) -> torch.Tensor:
         z = self.trunk(self.encode_images(obs), self.state_norm.normalize(obs["state"]), obs.get("lang"))

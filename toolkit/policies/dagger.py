@@ -62,8 +62,8 @@ def check_expert(env_cfg: DictConfig | dict, seed: int = 0) -> None:
         env.close()
 
 
-def dagger_seeds_in_file(path) -> list[int]:
-    """Seeds of the DAgger episodes already in an episode file (none if it does not exist)."""
+def dagger_episodes_in_file(path) -> list[tuple[int, str]]:
+    """``(seed, source)`` of the DAgger episodes already in an episode file (none if it does not exist)."""
     from pathlib import Path
 
     from toolkit.datamodules.episode_file import episode_names, open_episode_file
@@ -72,8 +72,8 @@ def dagger_seeds_in_file(path) -> list[int]:
         return []
     with open_episode_file(path) as f:
         groups = [f["data"][n] for n in episode_names(f)]
-        return [int(g.attrs["seed"]) for g in groups
-                if str(g.attrs.get("source", "")).startswith(SOURCE_PREFIX) and "seed" in g.attrs]
+        sources = [(g.attrs.get("seed"), str(g.attrs.get("source", ""))) for g in groups]
+        return [(int(seed), source) for seed, source in sources if source.startswith(SOURCE_PREFIX) and seed is not None]
 
 
 def mixture_rollouts(policy: Any, envs, seeds: list[int], beta: float, rng: np.random.Generator):
@@ -200,7 +200,7 @@ class DAggerCallback(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A run resumed after iteration 0 trains on the aggregate at once, not on the initial demos alone.
-        if trainer.global_step >= self.steps_per_iteration and dagger_seeds_in_file(trainer.datamodule.path):
+        if trainer.global_step >= self.steps_per_iteration and dagger_episodes_in_file(trainer.datamodule.path):
             release_data_files(trainer)
             trainer.datamodule.refresh()
             _reload_dataloaders(trainer)
@@ -224,9 +224,11 @@ class DAggerCallback(L.Callback):
         start = time.perf_counter()
         dm = trainer.datamodule
         beta = self.beta(iteration)
-        used = dagger_seeds_in_file(dm.path)
-        first = max(self.seed, max(used, default=self.seed - 1) + 1)
-        seeds = list(range(first, first + self.episodes_per_iteration))
+        used = dagger_episodes_in_file(dm.path)
+        first = max(self.seed, max((seed for seed, _ in used), default=self.seed - 1) + 1)
+        # an iteration interrupted (and resumed) after some episodes only rolls out the missing ones
+        done_before = sum(source == f"{SOURCE_PREFIX}{iteration}" for _, source in used)
+        seeds = list(range(first, first + max(self.episodes_per_iteration - done_before, 0)))
         if self._envs is None:
             self._envs = make_vector_env(self.env_cfg, min(self.num_envs, self.episodes_per_iteration))
         rng = np.random.default_rng([self.seed, iteration, first])
@@ -240,7 +242,7 @@ class DAggerCallback(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            for episode, success, seed, n_expert in mixture_rollouts(pl_module, self._envs, seeds, beta, rng):
+            for episode, success, seed, n_expert in mixture_rollouts(pl_module, self._envs, seeds, beta, rng) if seeds else []:
                 writer.append(episode, {"success": success, "seed": seed, "source": f"{SOURCE_PREFIX}{iteration}"})
                 labels += len(episode)
                 expert_steps += n_expert

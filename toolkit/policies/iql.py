@@ -1,7 +1,7 @@
 """Implicit Q-Learning (Kostrikov et al., 2021), as used by SPRINT (Zhang et al., 2023), on pixels + state.
 
 Networks (all on one shared observation feature ``z = trunk(encoder(images), state[, lang])``):
-  V(z), twin Q1/Q2(z, a) with Polyak-averaged target copies, and an actor pi(z).
+  V(z), twin Q1/Q2(z, a) with a Polyak-averaged target copy, and an actor pi(z).
 Losses (all computed in ``compute_loss``, top to bottom, on the batch's step t = the window's last step):
   value  : expectile regression of V(s) towards min(Q1', Q2')(s, a)            (expectile 0.7)
   critic : MSE of Q_i(s, a) towards r + gamma * (1 - done) * V(s')             (gamma 0.99)
@@ -12,13 +12,17 @@ groups replaces separate optimizers: the critic group (V, Q, and by default enco
 constant learning rate, the actor group is cosine-decayed (IQL paper). Automatic optimization is kept,
 so the trainer's ``gradient_clip_val`` still works (clipped per group here, see
 ``configure_gradient_clipping``) and ``trainer.global_step`` counts batches. Target Qs are updated
-after every optimizer step (``optimizer_step``).
+after every optimizer step (``optimizer_step``), in place with one foreach op.
 
 Design choices:
-  * The trunk (``toolkit.policies.trunk.ObsTrunk``, shared with the BC transformer): per history step image
+  * The trunk (``policy.trunk``, shared with the BC transformer): ``transformer`` (per history step image
     tokens, a state token, an optional instruction token and a readout token, block-causal attention
-    over time, and the last step's readout is ``z``. The target networks are copies of the Q *heads*
-    only; they read the online trunk's (detached) features, so there is no second image encoder.
+    over time; the last step's readout is ``z``) or ``concat`` (frame stacking for plain MLPs). The
+    target network is a copy of the Q *heads* only; it reads the online trunk's (detached) features,
+    so there is no second image encoder.
+  * The twin Qs are one batched network (``TwinQ``: batched matmuls over a leading member dimension),
+    half the small ops of two MLPs; with a fused Adam (the default config) and the foreach Polyak
+    update this is what makes an update cheap on CPU (``bench/iql_speed.py``).
   * ``encoder_updated_by`` (critic | actor | all) picks the loss whose gradients reach encoder + trunk;
     the other heads read ``z.detach()``.
   * One action per observation: ``action[:, 0]`` is the action of step t; ``predict`` repeats the
@@ -37,7 +41,7 @@ import torch
 from torch import nn
 
 from toolkit.policies.base import PolicyModule
-from toolkit.policies.trunk import ObsTrunk
+from toolkit.policies.trunk import make_trunk
 
 
 def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
@@ -54,6 +58,31 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> nn.Sequentia
     dims = [in_dim] + [hidden] * layers
     body = [m for i in range(layers) for m in (nn.Linear(dims[i], dims[i + 1]), nn.ReLU())]
     return nn.Sequential(*body, nn.Linear(dims[-1], out_dim))
+
+
+class TwinQ(nn.Module):
+    """``members`` MLPs with identical shapes evaluated as one network: ``[B, in] -> [members, B, out]``.
+
+    Layer weights are stacked ``[members, in, out]`` and applied with one batched matmul per layer, so
+    twin Qs cost the kernel launches of one MLP. Initialized as ``nn.Linear`` (uniform +-1/sqrt(fan_in))."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, layers: int = 2, members: int = 2) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden] * layers + [out_dim]
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(members, i, o)) for i, o in zip(dims, dims[1:]))
+        self.biases = nn.ParameterList(nn.Parameter(torch.empty(members, 1, o)) for o in dims[1:])
+        for w, b in zip(self.weights, self.biases):
+            bound = 1.0 / math.sqrt(w.shape[1])
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.expand(len(self.weights[0]), *x.shape)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(b, h, w)
+            if i < len(self.weights) - 1:
+                h = torch.relu(h)
+        return h
 
 
 class IQLPolicy(PolicyModule):
@@ -73,6 +102,7 @@ class IQLPolicy(PolicyModule):
         encoder_updated_by: str = "critic",
         actor_cosine_steps: int | None = None,
         lang_dim: int | None = None,
+        trunk: str = "transformer",
         d_model: int = 128,
         num_layers: int = 2,
         num_heads: int = 4,
@@ -97,15 +127,14 @@ class IQLPolicy(PolicyModule):
         self.actor_head, self.discrete = actor_head, action_type == "discrete"
         self.encoder_updated_by, self.actor_cosine_steps = encoder_updated_by, actor_cosine_steps
 
-        self.trunk = ObsTrunk(len(self.rgb_keys) * self.encoder.num_tokens, self.encoder.out_dim, self.state_dim,
-                              self.history, d_model, num_layers, num_heads, dropout, lang_dim)
-        q_in, q_out = (d_model, num_actions) if self.discrete else (d_model + self.action_dim, 1)
-        self.q1, self.q2 = mlp(q_in, hidden_dim, q_out), mlp(q_in, hidden_dim, q_out)
-        self.target_q1, self.target_q2 = copy.deepcopy(self.q1), copy.deepcopy(self.q2)
-        self.target_q1.requires_grad_(False)
-        self.target_q2.requires_grad_(False)
-        self.value = mlp(d_model, hidden_dim, 1)
-        self.actor = mlp(d_model, hidden_dim, num_actions if self.discrete else self.action_dim)
+        self.trunk = make_trunk(trunk, len(self.rgb_keys) * self.encoder.num_tokens, self.encoder.out_dim,
+                                self.state_dim, self.history, d_model, num_layers, num_heads, dropout, lang_dim)
+        z_dim = self.trunk.out_dim
+        q_in, q_out = (z_dim, num_actions) if self.discrete else (z_dim + self.action_dim, 1)
+        self.q = TwinQ(q_in, hidden_dim, q_out)
+        self.target_q = copy.deepcopy(self.q).requires_grad_(False)
+        self.value = mlp(z_dim, hidden_dim, 1)
+        self.actor = mlp(z_dim, hidden_dim, num_actions if self.discrete else self.action_dim)
         # Gaussian head: state-independent log std (as IQL's reference implementation)
         self.log_std = nn.Parameter(torch.zeros(self.action_dim)) if actor_head == "gaussian" else None
 
@@ -115,12 +144,12 @@ class IQLPolicy(PolicyModule):
 
     def q_values(self, z: torch.Tensor, action: torch.Tensor, target: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Q1, Q2 ``[B]`` at ``action`` (normalized ``[B, A]``, or indices ``[B]`` when discrete)."""
-        q1, q2 = (self.target_q1, self.target_q2) if target else (self.q1, self.q2)
+        net = self.target_q if target else self.q
         if self.discrete:
-            index = action.long()[:, None]
-            return q1(z).gather(1, index)[:, 0], q2(z).gather(1, index)[:, 0]
-        za = torch.cat([z, action], dim=-1)
-        return q1(za)[:, 0], q2(za)[:, 0]
+            q = net(z).gather(2, action.long()[None, :, None].expand(2, -1, 1))  # [2, B, 1]
+        else:
+            q = net(torch.cat([z, action], dim=-1))
+        return q[0, :, 0], q[1, :, 0]
 
     def predict(self, obs: dict[str, torch.Tensor], obs_is_pad: torch.Tensor) -> torch.Tensor:
         """The actor's mode, repeated over the horizon: normalized ``[B, H, A]`` (discrete: argmax ``[B, H, 1]``)."""
@@ -179,7 +208,7 @@ class IQLPolicy(PolicyModule):
         """Trainable parameters: ``critic`` (V, Q) and ``actor``; encoder + trunk join the group of
         ``encoder_updated_by`` (the critic's for ``all``)."""
         shared = [p for m in (self.encoder, self.trunk) for p in m.parameters() if p.requires_grad]
-        critic = [p for m in (self.q1, self.q2, self.value) for p in m.parameters()]
+        critic = [*self.q.parameters(), *self.value.parameters()]
         actor = list(self.actor.parameters()) + ([self.log_std] if self.log_std is not None else [])
         if self.encoder_updated_by == "actor":
             return {"critic": critic, "actor": shared + actor}
@@ -214,7 +243,5 @@ class IQLPolicy(PolicyModule):
 
     @torch.no_grad()
     def update_targets(self) -> None:
-        """Polyak averaging: ``target <- (1 - tau) * target + tau * online``."""
-        for online, target in ((self.q1, self.target_q1), (self.q2, self.target_q2)):
-            for p, tp in zip(online.parameters(), target.parameters()):
-                tp.lerp_(p, self.tau)
+        """Polyak averaging: ``target <- (1 - tau) * target + tau * online``, one in-place foreach op."""
+        torch._foreach_lerp_(list(self.target_q.parameters()), list(self.q.parameters()), self.tau)

@@ -1,4 +1,5 @@
-"""The observation trunk shared by the policies: a causal transformer over the history window."""
+"""The observation trunks shared by the policies: a causal transformer over the history window, or plain
+concatenation (frame stacking) for MLP heads. ``policy.trunk`` picks one (``make_trunk``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class ObsTrunk(nn.Module):
     def __init__(self, num_image_tokens: int, image_dim: int, state_dim: int, history: int, d_model: int = 128,
                  num_layers: int = 2, num_heads: int = 4, dropout: float = 0.0, lang_dim: int | None = None) -> None:
         super().__init__()
+        self.out_dim = d_model
         self.tokens_per_step = num_image_tokens + 2 + (lang_dim is not None)
         self.image_proj = nn.Linear(image_dim, d_model)
         self.state_proj = nn.Linear(state_dim, d_model)
@@ -48,3 +50,34 @@ class ObsTrunk(nn.Module):
         n = t * self.tokens_per_step
         out = self.transformer(tokens.flatten(1, 2), mask=self.causal_mask[:n, :n])
         return self.norm(out[:, -1])
+
+
+class ConcatTrunk(nn.Module):
+    """Frame stacking: the window's image features, normalized states and the instruction concatenated
+    into one vector ``[B, T * (N * D + Ds) + Dl]`` for MLP heads (as robomimic's and CORL's MLP policies).
+    No parameters: with cached features and ``history=1`` the policy is exactly an MLP on features."""
+
+    def __init__(self, num_image_tokens: int, image_dim: int, state_dim: int, history: int,
+                 lang_dim: int | None = None) -> None:
+        super().__init__()
+        self.lang_dim = lang_dim
+        self.out_dim = history * (num_image_tokens * image_dim + state_dim) + (lang_dim or 0)
+
+    def forward(self, image_tokens: torch.Tensor, state: torch.Tensor, lang: torch.Tensor | None = None) -> torch.Tensor:
+        parts = [image_tokens.flatten(1), state.flatten(1)]
+        if self.lang_dim is not None:
+            if lang is None:
+                raise ValueError("this policy was built with lang_dim: the batch / obs must hold 'lang' [B, Dl]")
+            parts.append(lang.float())
+        return torch.cat(parts, dim=-1)
+
+
+def make_trunk(kind: str, num_image_tokens: int, image_dim: int, state_dim: int, history: int, d_model: int,
+               num_layers: int, num_heads: int, dropout: float, lang_dim: int | None) -> ObsTrunk | ConcatTrunk:
+    """``policy.trunk``: ``transformer`` (``ObsTrunk``) or ``concat`` (``ConcatTrunk``); both have ``out_dim``."""
+    if kind == "transformer":
+        return ObsTrunk(num_image_tokens, image_dim, state_dim, history, d_model, num_layers, num_heads, dropout,
+                        lang_dim)
+    if kind == "concat":
+        return ConcatTrunk(num_image_tokens, image_dim, state_dim, history, lang_dim)
+    raise ValueError(f"policy.trunk must be 'transformer' or 'concat', got {kind!r}")

@@ -1,0 +1,20 @@
+"""A real Meta-World env that SIGKILLs its own process when reset with one seed: a deterministic stand-in for
+a machine dying between two episodes (used by the DAgger interruption test through `env._target_`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from toolkit.envs.metaworld import MetaWorldEnv
+
+
+class SelfKillingMetaWorldEnv(MetaWorldEnv):
+    def __init__(self, kill_at_seed: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.kill_at_seed = kill_at_seed
+
+    def reset(self, *, seed=None, options=None):
+        if seed == self.kill_at_seed:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().reset(seed=seed, options=options)
