@@ -46,8 +46,13 @@ def collect(
 
     ``policy="expert"`` acts with the env's expert, perturbed by Gaussian ``action_noise`` (std, in action
     units) and replaced by a uniformly random action with probability ``epsilon``; ``policy="random"``
-    acts uniformly at random. Each episode records what acted in its ``source`` attribute.
+    acts uniformly at random. Each episode records what acted in its ``source`` attribute, and the env's
+    ``instruction()`` (where it has one) in its ``instruction`` attribute.
+
+    Discrete action spaces (``gym.spaces.Discrete``) are stored like continuous ones, as ``actions``
+    ``[L, 1]`` float32 holding the index; random actions are uniform indices and ``action_noise`` is refused.
     """
+    import gymnasium as gym
     from tqdm.auto import tqdm
 
     from gdict import GDict
@@ -65,36 +70,53 @@ def collect(
     max_attempts = max_attempts or 2 * num_episodes + 10
     envs = make_vector_env(env_cfg, num_envs)
     try:
+        space = envs.single_action_space
+        discrete = isinstance(space, gym.spaces.Discrete)
+        if discrete and action_noise:
+            raise ToolkitError(f"collect.action_noise={action_noise}: Gaussian noise needs continuous actions and "
+                               f"this env's actions are discrete ({space}); use collect.epsilon to explore")
         writer = EpisodeWriter(path, envs.call("env_args")[0])
         bar = tqdm(total=num_episodes, initial=have, desc=f"collecting {path.name}", unit="ep", disable=not progress)
         steps: list[list[dict]] = [[] for _ in range(num_envs)]
         env_attempt = np.full(num_envs, -1)
+        env_instruction: list[str | None] = [None] * num_envs
         rejected = 0
-        space = envs.single_action_space
         rng = np.random.default_rng(seed + attempt)
 
+        def random_actions() -> np.ndarray:
+            if discrete:
+                return (space.start + rng.integers(0, space.n, (num_envs, 1))).astype(np.float32)
+            return rng.uniform(space.low, space.high, (num_envs, *space.shape)).astype(np.float32)
+
         def behaviour_actions() -> np.ndarray:
-            random = rng.uniform(space.low, space.high, (num_envs, *space.shape)).astype(np.float32)
+            random = random_actions()
             if policy == "random":
                 return random
-            actions = np.stack(envs.call("expert_action"))
+            actions = np.stack(envs.call("expert_action")).astype(np.float32)
             actions = actions + rng.normal(0.0, action_noise, actions.shape) if action_noise else actions
             explore = rng.random(num_envs) < epsilon
             actions[explore] = random[explore]
-            return np.clip(actions, space.low, space.high).astype(np.float32)
+            return actions if discrete else np.clip(actions, space.low, space.high).astype(np.float32)
 
         def start(mask: np.ndarray, obs: dict | None = None) -> dict:
             nonlocal attempt
             attempts = np.arange(attempt, attempt + mask.sum())
             env_attempt[mask] = attempts
             attempt += len(attempts)
-            return reset_some(envs, mask, [seed + int(a) for a in attempts], obs)
+            obs = reset_some(envs, mask, [seed + int(a) for a in attempts], obs)
+            # Read now: sub-envs reset at different times, and the instruction is the new episode's.
+            instructions = envs.call("instruction")
+            for i in np.flatnonzero(mask):
+                env_instruction[i] = instructions[i]
+            return obs
 
         active = np.ones(num_envs, dtype=bool)
         obs = start(active)
         while active.any():
             actions = behaviour_actions()
-            next_obs, rewards, terminated, truncated, info = envs.step(actions)
+            # A vector env of Discrete spaces takes one integer per env; the file keeps [1] float32.
+            next_obs, rewards, terminated, truncated, info = envs.step(
+                actions[:, 0].astype(np.int64) if discrete else actions)
             for i in np.flatnonzero(active):
                 steps[i].append({"obs": {k: v[i] for k, v in obs.items()}, "actions": actions[i],
                                  "rewards": np.float32(rewards[i]), "dones": np.uint8(0)})
@@ -105,8 +127,11 @@ def collect(
                     if writer.num_episodes < num_episodes:
                         episode = GDict.stack(steps[i])
                         episode["dones"][-1] = 1
-                        writer.append(episode, {"success": success, "seed": seed + int(env_attempt[i]),
-                                                "attempt": int(env_attempt[i]), "source": source})
+                        attrs = {"success": success, "seed": seed + int(env_attempt[i]),
+                                 "attempt": int(env_attempt[i]), "source": source}
+                        if env_instruction[i] is not None:
+                            attrs["instruction"] = env_instruction[i]
+                        writer.append(episode, attrs)
                         bar.update(1)
                 else:
                     rejected += 1

@@ -27,6 +27,7 @@ class EpisodeDataModule(L.LightningDataModule):
         num_workers: int = 0,
         obs_keys: list[str] | None = None,
         feature_cache: bool = True,
+        video_backend: str = "decord",
     ) -> None:
         super().__init__()
         self.path = Path(path)
@@ -35,6 +36,8 @@ class EpisodeDataModule(L.LightningDataModule):
         self.obs_keys = obs_keys
         # read a frozen encoder's cached features instead of pixels (train.py builds the cache)
         self.feature_cache = feature_cache
+        # decoder of cameras stored as MP4 sidecars: decord | pyav | torchcodec
+        self.video_backend = video_backend
         self.feature_path: Path | None = None
         # offline RL policies need reward, done and next_obs (set by train.py from the policy class)
         self.transitions = False
@@ -76,7 +79,8 @@ class EpisodeDataModule(L.LightningDataModule):
         self.valid_set = self._windows(valid, keys) if valid else None
 
     def _windows(self, episodes: list[str], keys: list[str]) -> WindowDataset:
-        return WindowDataset(self.path, episodes, keys, self.history, self.horizon, self.feature_path, self.transitions)
+        return WindowDataset(self.path, episodes, keys, self.history, self.horizon, self.feature_path, self.transitions,
+                             self.video_backend)
 
     def refresh(self) -> None:
         """Re-read the file's episode list after episodes were appended (DAgger): from now on every

@@ -2,7 +2,9 @@
 
     data/                       attrs: total (steps), env_args (JSON)
     data/demo_<i>/              attrs: num_samples, success, seed, source, [instruction]
-        obs/<key>               [L, ...]   rgb_<camera> uint8 [L, H, W, 3] (chunk = one frame), state float32
+        obs/<key>               [L, ...]   rgb_<camera> uint8 [L, H, W, 3] (chunk = one frame), state float32;
+                                an MP4-stored camera keeps an empty placeholder of that shape with the
+                                attribute video_path (toolkit.datamodules.video)
         actions                 [L, A] float32
         rewards                 [L] float32
         dones                   [L] uint8 (1 on the last step)
@@ -92,9 +94,15 @@ def read_split(f: h5py.File, split: str) -> list[str]:
 
 
 class EpisodeWriter:
-    """Appends finished episodes to an episode file, one atomic write each."""
+    """Appends finished episodes to an episode file, one atomic write each.
 
-    def __init__(self, path: str | Path, env_args: dict[str, Any], valid_every: int = 10) -> None:
+    ``video`` (``{"crf", "keyframe_interval", "lossless", "fps"}``, any subset) stores every ``rgb_*``
+    camera as an MP4 sidecar in ``<file stem>_videos/<episode>/<camera>.mp4`` instead of inline frames.
+    The choice is recorded in the file: later appends (more collection, DAgger) follow the file's.
+    """
+
+    def __init__(self, path: str | Path, env_args: dict[str, Any], valid_every: int = 10,
+                 video: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.valid_every = valid_every
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,18 +111,35 @@ class EpisodeWriter:
             if "env_args" not in data.attrs:
                 data.attrs["env_args"] = json.dumps(env_args)
                 data.attrs["total"] = 0
+                data.attrs["video"] = json.dumps(dict(video) if video else None)
             elif json.loads(data.attrs["env_args"]) != env_args:
                 raise ToolkitError(f"{self.path} holds episodes of another environment "
                                    f"({data.attrs['env_args']}); use another data.path")
+            self.video = json.loads(data.attrs.get("video", "null"))
             self.num_episodes = len(episode_names(f))
 
     def append(self, episode: GDict, attrs: dict[str, Any]) -> str:
         """Write one episode (``obs/*``, ``actions``, ``rewards``, ``dones``) and update totals and masks."""
         n = len(episode)
         name = f"demo_{self.num_episodes}"
+        videos: dict[str, tuple[str, np.ndarray]] = {}
+        if self.video:
+            from toolkit.datamodules.video import encode_video
+
+            # MP4s first: a crash before the HDF5 write below leaves at most an unreferenced video
+            obs = episode.memory["obs"]
+            for key in [k for k in obs if k.startswith("rgb")]:
+                videos[key] = (f"{self.path.stem}_videos/{name}/{key}.mp4", obs[key])
+                encode_video(self.path.parent / videos[key][0], obs[key], **self.video)
+            episode = GDict({**episode.memory, "obs": {k: v for k, v in obs.items() if k not in videos}})
         with _signals_deferred(), open_episode_file(self.path, "a") as f:
             g = f["data"].create_group(name)
             episode.to_hdf5(g, chunk_leading=True)
+            if videos:
+                from toolkit.datamodules.video import create_video_dataset
+
+                for key, (rel, frames) in videos.items():
+                    create_video_dataset(g["obs"], key, frames, rel)
             g.attrs["num_samples"] = n
             for k, v in attrs.items():
                 g.attrs[k] = v

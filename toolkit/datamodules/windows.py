@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from gdict import GDict
 from toolkit.datamodules.episode_file import episode_length, open_episode_file
+from toolkit.datamodules.video import DecoderCache, read_images
 
 
 def window_indices(t: int, length: int, history: int, horizon: int):
@@ -36,17 +37,21 @@ class WindowDataset(Dataset):
     a sample also has ``reward`` and ``done`` of step t and ``next_obs`` / ``next_obs_is_pad``, the window
     ending at t + 1 (at an episode's last step, the same window; ``done`` is 1 there), read from the
     same span of the file, so nothing is stored twice. One HDF5 handle per file and
-    process (each DataLoader worker opens its own, on first use).
+    process (each DataLoader worker opens its own, on first use). Cameras stored as MP4 sidecars are
+    decoded frame-exactly for the window's span (``video_backend``: decord, pyav or torchcodec), with a
+    per-process cache of open decoders.
     """
 
     def __init__(self, path: str | Path, episodes: list[str], obs_keys: list[str], history: int, horizon: int,
-                 feature_path: str | Path | None = None, transitions: bool = False) -> None:
+                 feature_path: str | Path | None = None, transitions: bool = False,
+                 video_backend: str = "decord") -> None:
         self.path, self.obs_keys = Path(path), list(obs_keys)
         self.history, self.horizon = history, horizon
         self.feature_path = Path(feature_path) if feature_path else None
         self.transitions = transitions
         self.image_keys = [k for k in self.obs_keys if k.startswith("rgb")]
         self.file_keys = [k for k in self.obs_keys if not (self.feature_path and k in self.image_keys)]
+        self.decoders = DecoderCache(video_backend)
         with open_episode_file(self.path) as f:
             self.lengths = [episode_length(f, name) for name in episodes]
             for name in episodes:
@@ -77,7 +82,10 @@ class WindowDataset(Dataset):
         next_idx, next_pad, _, _ = window_indices(min(t + 1, length - 1), length, self.history, 1)
         # Read the contiguous span once, then expand the clamped (repeated) edge indices.
         span = slice(obs_idx[0], (next_idx if self.transitions else obs_idx)[-1] + 1)
-        obs = GDict.from_hdf5(g["obs"], keys=self.file_keys, index=span)
+        obs = GDict.from_hdf5(g["obs"], keys=[k for k in self.file_keys if k not in self.image_keys], index=span)
+        for k in self.file_keys:
+            if k in self.image_keys:  # inline frames or the MP4's
+                obs[k] = read_images(g["obs"][k], span, self.decoders)
         if self._features is not None:
             feats = GDict.from_hdf5(self._features["data"][self.episodes[e]]["obs"],
                                     keys=[f"{k}_features" for k in self.image_keys], index=span)

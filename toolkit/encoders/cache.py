@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from toolkit.datamodules.episode_file import episode_names, open_episode_file
+from toolkit.datamodules.video import DecoderCache, read_images
 
 
 def weights_hash(module: torch.nn.Module) -> str:
@@ -70,6 +71,7 @@ def build_feature_cache(encoder: torch.nn.Module, encoder_cfg: dict, data_path: 
     tmp = path.with_name(path.name + ".tmp")
     was_training = encoder.training
     encoder.eval()
+    decoders = DecoderCache()  # frames stored as MP4 sidecars are decoded like a window's
     with open_episode_file(data_path) as src, h5py.File(tmp, "w") as dst:
         names = episode_names(src)
         total = sum(src["data"][n]["obs"][k].shape[0] for n in names for k in image_keys)
@@ -79,7 +81,7 @@ def build_feature_cache(encoder: torch.nn.Module, encoder_cfg: dict, data_path: 
                 frames = src["data"][name]["obs"][key]
                 out = None
                 for start in range(0, len(frames), batch_size):
-                    x = torch.from_numpy(frames[start:start + batch_size]).permute(0, 3, 1, 2)
+                    x = torch.from_numpy(read_images(frames, slice(start, start + batch_size), decoders)).permute(0, 3, 1, 2)
                     feats = encoder(x).float().numpy().astype(np.float16)
                     if out is None:
                         out = dst.create_dataset(f"data/{name}/obs/{key}_features", (len(frames), *feats.shape[1:]),

@@ -53,7 +53,10 @@ def pick_frames(path: Path, camera: str, num: int) -> tuple[list[str], np.ndarra
         if not index:
             raise ToolkitError(f"{path}: no frames")
         picks = [index[i] for i in np.unique(np.linspace(0, len(index) - 1, min(num, len(index))).round().astype(int))]
-        frames = np.stack([f["data"][n]["obs"][camera][t] for n, t in picks])
+        from toolkit.datamodules.video import DecoderCache, read_images
+
+        decoders = DecoderCache()
+        frames = np.stack([read_images(f["data"][n]["obs"][camera], [t], decoders)[0] for n, t in picks])
     return [f"{n}_t{t:04d}" for n, t in picks], frames
 
 

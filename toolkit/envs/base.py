@@ -45,6 +45,11 @@ class RobotEnv(gym.Env):
         """The scripted expert's action for the current state."""
         raise ToolkitError(f"{type(self).__name__} has no expert: collection and DAgger need one.")
 
+    def instruction(self) -> str | None:
+        """The current episode's language instruction (valid after ``reset``); None where the task has none.
+        Collection stores it as the episode's ``instruction`` attribute."""
+        return None
+
     def env_args(self) -> dict[str, Any]:
         """What is needed to re-create this env, stored in the episode file (robomimic's env_args)."""
         return {"env_name": type(self).__name__, "type": "toolkit", "env_kwargs": {}}

@@ -1,0 +1,142 @@
+"""MP4 sidecars: episode files whose cameras live in MP4s read like inline ones (exactly when lossless),
+every decoder backend returns the same frames, workers decode their own, and broken videos are named."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from gdict import GDict
+from toolkit.datamodules.episode_file import EpisodeWriter, episode_names
+from toolkit.datamodules.video import VIDEO_ATTR, Decoder, DecoderCache, encode_video, read_images, video_path
+from toolkit.datamodules.windows import WindowDataset
+from toolkit.errors import ToolkitError
+
+BACKENDS = ["decord", "pyav"]  # torchcodec needs the system's FFmpeg libraries (see test_torchcodec_*)
+
+
+def copy_episodes(src, dst, video: dict | None) -> list[dict]:
+    """Re-write the real episodes of ``src`` into ``dst`` (inline or as MP4 sidecars); returns them."""
+    episodes = []
+    with h5py.File(src) as f:
+        env_args = json.loads(f["data"].attrs["env_args"])
+        for name in episode_names(f):
+            episodes.append(GDict.from_hdf5(f["data"][name]).memory)
+    writer = EpisodeWriter(dst, env_args, video=video)
+    for e in episodes:
+        writer.append(GDict(e), {"success": False})
+    return episodes
+
+
+@pytest.fixture(scope="module")
+def lossless_file(tiny_file, tmp_path_factory):
+    path = tmp_path_factory.mktemp("video") / "lossless.hdf5"
+    return path, copy_episodes(tiny_file, path, {"lossless": True, "keyframe_interval": 4})
+
+
+def test_sidecar_layout_and_lossless_round_trip(lossless_file):
+    path, episodes = lossless_file
+    with h5py.File(path) as f:
+        g = f["data/demo_0/obs/rgb_corner4"]
+        assert g.shape == episodes[0]["obs"]["rgb_corner4"].shape and g.attrs[VIDEO_ATTR] == "lossless_videos/demo_0/rgb_corner4.mp4"
+        assert g.id.get_storage_size() == 0  # no pixels in the HDF5 file
+        assert video_path(g).exists() and json.loads(f["data"].attrs["video"])["lossless"]
+        for backend in BACKENDS:
+            frames = read_images(f["data/demo_1/obs/rgb_corner4"], slice(None), DecoderCache(backend))
+            np.testing.assert_array_equal(frames, episodes[1]["obs"]["rgb_corner4"])
+        # state and actions stay inline and untouched
+        np.testing.assert_array_equal(f["data/demo_1/obs/state"][()], episodes[1]["obs"]["state"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_windows_from_mp4_equal_windows_from_inline_frames(tiny_file, lossless_file, backend):
+    path, _ = lossless_file
+    with h5py.File(tiny_file) as f:
+        names = episode_names(f)
+    keys = ["rgb_corner4", "state"]
+    inline = WindowDataset(tiny_file, names, keys, history=3, horizon=2, transitions=True)
+    video = WindowDataset(path, names, keys, history=3, horizon=2, transitions=True, video_backend=backend)
+    rng = np.random.default_rng(0)
+    for i in rng.permutation(len(inline))[:20]:  # random access, out of order
+        a, b = inline[int(i)], video[int(i)]
+        for k in keys:
+            torch.testing.assert_close(a["obs"][k], b["obs"][k], rtol=0, atol=0)
+            torch.testing.assert_close(a["next_obs"][k], b["next_obs"][k], rtol=0, atol=0)
+        torch.testing.assert_close(a["action"], b["action"])
+
+
+def test_lossy_mp4_is_close_and_smaller(tiny_file, tmp_path):
+    path = tmp_path / "lossy.hdf5"
+    episodes = copy_episodes(tiny_file, path, {"crf": 18})
+    with h5py.File(path) as f:
+        decoded = read_images(f["data/demo_0/obs/rgb_corner4"], slice(None))
+    error = np.abs(decoded.astype(int) - episodes[0]["obs"]["rgb_corner4"].astype(int))
+    assert error.mean() < 5.0, error.mean()  # 32 px frames: ~3.7 of 255 at crf 18
+    inline_bytes = episodes[0]["obs"]["rgb_corner4"].nbytes
+    assert (tmp_path / "lossy_videos/demo_0/rgb_corner4.mp4").stat().st_size < inline_bytes / 3
+
+
+def test_workers_decode_with_their_own_decoders(tiny_file, lossless_file):
+    path, _ = lossless_file
+    with h5py.File(tiny_file) as f:
+        names = episode_names(f)
+    keys = ["rgb_corner4", "state"]
+    inline = WindowDataset(tiny_file, names, keys, history=2, horizon=1)
+    video = WindowDataset(path, names, keys, history=2, horizon=1)
+    video[0]  # the parent opened a decoder before the fork: workers must not reuse it
+    loader = DataLoader(video, batch_size=8, num_workers=2, shuffle=False)
+    got = torch.cat([b["obs"]["rgb_corner4"] for b in loader])
+    want = torch.stack([inline[i]["obs"]["rgb_corner4"] for i in range(len(inline))])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_decoder_cache_bounds_open_files(tmp_path):
+    frames = np.zeros((6, 16, 16, 3), np.uint8)
+    paths = [tmp_path / f"v{i}.mp4" for i in range(12)]
+    for p in paths:
+        encode_video(p, frames)
+    cache = DecoderCache("pyav", max_open=3)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        for p in paths:
+            cache.get(p).frames([0, 5])
+    assert len(cache._open) == 3
+    assert len(os.listdir("/proc/self/fd")) <= before + 3
+    cache.close()
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_missing_and_short_videos_name_the_file_and_episode(tiny_file, tmp_path):
+    path = tmp_path / "broken.hdf5"
+    copy_episodes(tiny_file, path, {"lossless": True})
+    os.remove(tmp_path / "broken_videos/demo_0/rgb_corner4.mp4")
+    encode_video(tmp_path / "broken_videos/demo_1/rgb_corner4.mp4", np.zeros((3, 32, 32, 3), np.uint8), lossless=True)
+    with h5py.File(path) as f:
+        with pytest.raises(ToolkitError, match="broken_videos/demo_0/rgb_corner4.mp4 does not exist"):
+            read_images(f["data/demo_0/obs/rgb_corner4"], slice(0, 2))
+        with pytest.raises(ToolkitError, match=r"has 3 frames but /data/demo_1/obs/rgb_corner4 declares 12"):
+            read_images(f["data/demo_1/obs/rgb_corner4"], slice(0, 2))
+    (tmp_path / "garbage.mp4").write_bytes(b"not a video")
+    for backend in BACKENDS:
+        with pytest.raises(ToolkitError, match="garbage.mp4 cannot be decoded"):
+            Decoder(tmp_path / "garbage.mp4", backend)
+
+
+def test_unknown_backend_and_torchcodec_without_ffmpeg_fail_clearly(tmp_path):
+    encode_video(tmp_path / "v.mp4", np.zeros((2, 16, 16, 3), np.uint8))
+    with pytest.raises(ToolkitError, match="data.video_backend='opencv'"):
+        Decoder(tmp_path / "v.mp4", "opencv")
+    try:
+        import torchcodec.decoders  # noqa: F401
+    except Exception:
+        with pytest.raises(ToolkitError, match="data.video_backend=torchcodec"):
+            Decoder(tmp_path / "v.mp4", "torchcodec")
+    else:
+        np.testing.assert_array_equal(Decoder(tmp_path / "v.mp4", "torchcodec").frames([0, 1]),
+                                      Decoder(tmp_path / "v.mp4", "pyav").frames([0, 1]))

@@ -1,0 +1,201 @@
+"""BabyAI (minigrid) adapter: a full-view RGB frame of the grid, discrete actions, the mission string as
+the instruction, the BabyAI bot as the expert, and layouts/missions that are a pure function of the seed."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import io
+import math
+import sys
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from toolkit.envs.base import RobotEnv
+from toolkit.errors import ToolkitError
+
+CAMERA = "top"  # the whole grid seen from above; the obs key is rgb_top like every rgb_<camera>
+
+
+def level_ids() -> list[str]:
+    """Gymnasium ids of every registered BabyAI level (``BabyAI-GoToLocal-v0``, ...)."""
+    import minigrid  # noqa: F401  (registers the BabyAI-* ids)
+
+    return sorted(k for k in gym.registry if k.startswith("BabyAI-"))
+
+
+def level_id(level: str) -> str:
+    """``GoToLocal`` or ``BabyAI-GoToLocal-v0`` -> ``BabyAI-GoToLocal-v0``; unknown -> ToolkitError."""
+    ids = level_ids()
+    short = {k.removeprefix("BabyAI-").rsplit("-v", 1)[0]: k for k in ids}
+    if level in ids:
+        return level
+    if level in short:
+        return short[level]
+    close = difflib.get_close_matches(level.removeprefix("BabyAI-").rsplit("-v", 1)[0], list(short), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ToolkitError(f"env.level={level!r} is not a BabyAI level.{hint} Available: {', '.join(sorted(short))}")
+
+
+@contextlib.contextmanager
+def _quiet_level_generation():
+    """Level generation prints one "Sampling rejected: ..." line per rejected layout; drop those and
+    pass any other printed line on, also when generation raises."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        other = [line for line in captured.getvalue().splitlines() if not line.startswith("Sampling rejected")]
+        if other:
+            print("\n".join(other), file=sys.stdout)
+
+
+class BabyAIEnv(RobotEnv):
+    """A BabyAI level with the full grid rendered from above.
+
+    Observation: ``rgb_top`` (image_size x image_size x 3 uint8, the whole grid), ``state`` = one-hot of
+    the agent's direction (4, float32) and, with ``symbolic``, ``grid`` = minigrid's 7x7x3 egocentric
+    symbolic view (uint8). The instruction is ``instruction()`` (the mission string), not an obs key:
+    vector envs batch only arrays.
+
+    Actions: ``Discrete(7)`` (left, right, forward, pickup, drop, toggle, done). ``step`` takes an int,
+    a numpy integer, or a [1] array holding the index as a float (how policies and episode files
+    store discrete actions).
+    """
+
+    def __init__(
+        self,
+        level: str = "GoToLocal",
+        image_size: int = 64,
+        max_episode_steps: int | None = None,
+        symbolic: bool = False,
+        terminate_on_success: bool = True,
+    ) -> None:
+        # 0 until the first reset when the level sets its own limit (it depends on the generated maze).
+        super().__init__(max_episode_steps or 0, terminate_on_success)
+        self.level = level_id(level)
+        self.image_size, self.symbolic = image_size, symbolic
+        self._max_steps_arg = max_episode_steps
+        self.cameras = (CAMERA,)
+        # The level's own limit is passed in too, so its reward (1 - 0.9 t / max_steps) uses our limit.
+        kwargs = {} if max_episode_steps is None else {"max_steps": int(max_episode_steps)}
+        self._env = gym.make(self.level, **kwargs).unwrapped  # no wrappers: we own the episode bookkeeping
+        self._bot = None
+        self._expert_cache: np.ndarray | None = None
+        self._expert_used = False
+        self._bot_gave_up = False
+        self._last_action: int | None = None
+        self._failed = False
+        self._mission: str | None = None
+        self._raw_obs: dict[str, Any] | None = None
+
+        self.action_space = gym.spaces.Discrete(self._env.action_space.n)
+        spaces = {
+            f"rgb_{CAMERA}": gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8),
+            "state": gym.spaces.Box(0.0, 1.0, (4,), np.float32),
+        }
+        if symbolic:
+            view = self._env.observation_space["image"]
+            spaces["grid"] = gym.spaces.Box(0, 255, view.shape, np.uint8)
+        self.observation_space = gym.spaces.Dict(spaces)
+
+    # --- observation ----------------------------------------------------------------------------
+    def _render(self) -> np.ndarray:
+        # The smallest tile that covers image_size, then a box-filter downscale when the grid is larger.
+        tile = max(1, math.ceil(self.image_size / max(self._env.width, self._env.height)))
+        frame = self._env.get_frame(highlight=True, tile_size=tile)
+        if frame.shape[:2] != (self.image_size, self.image_size):
+            from PIL import Image
+
+            frame = np.asarray(Image.fromarray(frame).resize((self.image_size, self.image_size), Image.Resampling.BOX))
+        return np.ascontiguousarray(frame, dtype=np.uint8)
+
+    def _obs(self) -> dict[str, Any]:
+        state = np.zeros(4, np.float32)
+        state[int(self._env.agent_dir)] = 1.0
+        obs = {f"rgb_{CAMERA}": self._render(), "state": state}
+        if self.symbolic:
+            obs["grid"] = np.asarray(self._raw_obs["image"], dtype=np.uint8)
+        return obs
+
+    def _action_index(self, action: Any) -> int:
+        a = np.asarray(action, dtype=np.float64).reshape(-1)
+        n = int(self.action_space.n)
+        if a.size != 1 or not np.isfinite(a[0]) or a[0] != np.rint(a[0]) or not 0 <= a[0] < n:
+            raise ToolkitError(f"BabyAI action {np.asarray(action).tolist()!r} is not an action index in [0, {n}): "
+                               f"give one integer (an int, or a [1] array holding it as a float)")
+        return int(a[0])
+
+    # --- RobotEnv -------------------------------------------------------------------------------
+    def _reset(self, seed: int | None) -> dict[str, Any]:
+        from minigrid.utils.baby_ai_bot import BabyAIBot
+
+        with _quiet_level_generation():
+            self._raw_obs, _ = self._env.reset(seed=seed)
+        if self._max_steps_arg is None:
+            self.max_episode_steps = int(self._env.max_steps)  # set by the level at each reset
+        self._mission = str(self._env.mission)
+        self._bot = BabyAIBot(self._env)  # parses the freshly generated mission
+        self._expert_cache, self._expert_used, self._bot_gave_up = None, False, False
+        self._last_action, self._failed = None, False
+        return self._obs()
+
+    def _step(self, action: np.ndarray):
+        a = self._action_index(action)
+        # The bot must see every state once it is in use: replan here if nobody asked it this step.
+        if self._expert_used and self._expert_cache is None:
+            self.expert_action()
+        self._raw_obs, reward, terminated, _, _ = self._env.step(a)
+        self._last_action, self._expert_cache = a, None
+        # The level's verifier ends the episode: with a reward on success, with 0 on failure (the strict
+        # *Debug levels: a wrong object picked up, a wrong door opened).
+        success = bool(terminated and reward > 0)
+        self._failed = bool(terminated and not success)
+        return self._obs(), float(reward), success, {}
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        if self._failed and not terminated:  # the base class only ends episodes on success or time
+            terminated, truncated = True, False
+            self._done = True
+            self._last = (obs, reward, terminated, truncated, info)
+        return obs, reward, terminated, truncated, info
+
+    def expert_action(self) -> np.ndarray:
+        """The bot's action ``[index]`` float32; the same until the next step or reset."""
+        if self._bot is None:
+            raise ToolkitError("BabyAIEnv.expert_action() before reset(): reset the env first")
+        if self._expert_cache is None:
+            from minigrid.utils.baby_ai_bot import DisappearedBoxError
+
+            self._expert_used = True
+            action = self._env.actions.done
+            if not self._bot_gave_up:
+                # replan is told what was really executed (a learner's action in DAgger), not what it suggested.
+                taken = None if self._last_action is None else self._env.actions(self._last_action)
+                try:
+                    action = self._bot.replan(taken)
+                except DisappearedBoxError:
+                    # Someone (a learner) opened a box: the bot deems the mission unsolvable and gives no more
+                    # advice this episode. `done` is a no-op in these levels, the bot's own "nothing to do".
+                    self._bot_gave_up = True
+            self._expert_cache = np.array([int(action)], np.float32)
+        return self._expert_cache.copy()
+
+    def instruction(self) -> str | None:
+        """The mission of the current episode, e.g. "go to the red ball"."""
+        return self._mission
+
+    def env_args(self) -> dict[str, Any]:
+        return {
+            "env_name": self.level,
+            "type": "babyai",
+            "env_kwargs": {"image_size": self.image_size, "max_episode_steps": self._max_steps_arg,
+                           "symbolic": self.symbolic},
+        }
+
+    def close(self) -> None:
+        self._env.close()
