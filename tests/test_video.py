@@ -140,3 +140,31 @@ def test_unknown_backend_and_torchcodec_without_ffmpeg_fail_clearly(tmp_path):
     else:
         np.testing.assert_array_equal(Decoder(tmp_path / "v.mp4", "torchcodec").frames([0, 1]),
                                       Decoder(tmp_path / "v.mp4", "pyav").frames([0, 1]))
+
+
+def test_feature_cache_from_mp4_equals_cache_from_inline_frames(tiny_file, lossless_file, tmp_path):
+    from toolkit.encoders.cache import build_feature_cache
+    from toolkit.encoders.impala import ImpalaEncoder
+
+    path, _ = lossless_file
+    cfg = {"_target_": "toolkit.encoders.impala.ImpalaEncoder", "image_size": 32}
+    caches = []
+    for data in (tiny_file, path):
+        torch.manual_seed(0)
+        encoder = ImpalaEncoder(image_size=32, channels=(8, 16), out_dim=16, freeze=True)
+        caches.append(build_feature_cache(encoder, cfg, data, ["rgb_corner4"], progress=False))
+    with h5py.File(caches[0]) as a, h5py.File(caches[1]) as b:
+        for name in a["data"]:
+            np.testing.assert_array_equal(a[f"data/{name}/obs/rgb_corner4_features"][()],
+                                          b[f"data/{name}/obs/rgb_corner4_features"][()])
+
+
+def test_train_collects_mp4_episodes_and_trains_from_them_with_workers(tmp_path):
+    from conftest import run_train
+
+    run_train("collect.video=true", "data.num_workers=2", "~callbacks.progress_bar", root=tmp_path)
+    (data,) = (tmp_path / "data").glob("*.hdf5")
+    with h5py.File(data) as f:
+        assert all(f[f"data/{n}/obs/rgb_corner4"].attrs[VIDEO_ATTR].endswith(".mp4") for n in episode_names(f))
+    summary = json.loads(next((tmp_path / "logs").glob("*/runs/*/summary.json")).read_text())
+    assert summary["global_step"] == 4 and "rollout/success_rate" in summary

@@ -41,13 +41,15 @@ def collect(
     policy: str = "expert",
     action_noise: float = 0.0,
     epsilon: float = 0.0,
+    video: dict[str, Any] | None = None,
 ) -> int:
     """Collect episodes until ``path`` holds ``num_episodes``; returns how many it holds.
 
     ``policy="expert"`` acts with the env's expert, perturbed by Gaussian ``action_noise`` (std, in action
     units) and replaced by a uniformly random action with probability ``epsilon``; ``policy="random"``
     acts uniformly at random. Each episode records what acted in its ``source`` attribute, and the env's
-    ``instruction()`` (where it has one) in its ``instruction`` attribute.
+    ``instruction()`` (where it has one) in its ``instruction`` attribute. ``video`` (``{"crf",
+    "keyframe_interval", "lossless"}``) stores cameras as MP4 sidecars (see ``EpisodeWriter``).
 
     Discrete action spaces (``gym.spaces.Discrete``) are stored like continuous ones, as ``actions``
     ``[L, 1]`` float32 holding the index; random actions are uniform indices and ``action_noise`` is refused.
@@ -75,7 +77,7 @@ def collect(
         if discrete and action_noise:
             raise ToolkitError(f"collect.action_noise={action_noise}: Gaussian noise needs continuous actions and "
                                f"this env's actions are discrete ({space}); use collect.epsilon to explore")
-        writer = EpisodeWriter(path, envs.call("env_args")[0])
+        writer = EpisodeWriter(path, envs.call("env_args")[0], video=video)
         bar = tqdm(total=num_episodes, initial=have, desc=f"collecting {path.name}", unit="ep", disable=not progress)
         steps: list[list[dict]] = [[] for _ in range(num_envs)]
         env_attempt = np.full(num_envs, -1)
@@ -158,8 +160,11 @@ def collect(
 def collect_from_config(cfg: Any) -> int:
     """``collect`` with the ``env``, ``data`` (path, num_demos) and ``collect`` groups of a config."""
     c = cfg.collect
+    video = ({"crf": c.video_crf, "keyframe_interval": c.video_keyframe_interval, "lossless": c.video_lossless}
+             if c.video else None)
     return collect(cfg.env, cfg.data.path, cfg.data.num_demos, num_envs=c.num_envs, seed=c.seed,
-                   only_success=c.only_success, policy=c.policy, action_noise=c.action_noise, epsilon=c.epsilon)
+                   only_success=c.only_success, policy=c.policy, action_noise=c.action_noise, epsilon=c.epsilon,
+                   video=video)
 
 
 def _main() -> None:
