@@ -161,8 +161,11 @@ class PolicyModule(L.LightningModule):
         is_pad = torch.arange(self.history, device=self.device)[None] < (self.history - self._seen[:, None])
         was_training = self.training
         self.eval()
-        action = self.action_norm.unnormalize(self.predict(self._hist, is_pad)[:, 0])
+        predicted = self.predict(self._hist, is_pad)[:, 0]
         self.train(was_training)
+        if getattr(self, "discrete", False):  # action indices [E, 1], as stored in episode files
+            return predicted.cpu().numpy()
+        action = self.action_norm.unnormalize(predicted)
         return torch.maximum(torch.minimum(action, self.action_high), self.action_low).cpu().numpy()
 
 
