@@ -186,7 +186,7 @@ def read_images(dataset: h5py.Dataset, index: slice | np.ndarray, cache: Decoder
     indices = np.arange(dataset.shape[0])[index] if isinstance(index, slice) else np.asarray(index)
     cache = cache or DecoderCache()  # held until the frames are read: a freed cache closes its decoders
     decoder = cache.get(path)
-    if decoder.num_frames < dataset.shape[0]:
+    if decoder.num_frames != dataset.shape[0]:
         raise ToolkitError(f"video {path} has {decoder.num_frames} frames but {dataset.name} declares "
                            f"{dataset.shape[0]} steps: re-collect the episode or delete it from {dataset.file.filename}")
     return decoder.frames(indices)

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from gdict import GDict
 from toolkit.datamodules.episode_file import episode_length, open_episode_file
 from toolkit.datamodules.video import DecoderCache, read_images
+from toolkit.errors import ToolkitError
 
 
 def window_indices(t: int, length: int, history: int, horizon: int):
@@ -57,7 +58,8 @@ class WindowDataset(Dataset):
             for name in episodes:
                 missing = [k for k in self.obs_keys if k not in f["data"][name]["obs"]]
                 if missing:
-                    raise KeyError(f"{self.path}: episode {name} has no obs key(s) {missing}")
+                    raise ToolkitError(f"{self.path}: episode {name} has no obs key(s) {missing} "
+                                   f"(it has {sorted(f['data'][name]['obs'])}); check data.obs_keys")
         self.episodes = list(episodes)
         # (episode, step) of every sample, as two flat arrays.
         self.ep_of = np.repeat(np.arange(len(episodes)), self.lengths)
