@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Loading triton (via lightning) after a MuJoCo/EGL context exists segfaults: load it before any test makes an env.
+import lightning  # noqa: F401,E402
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -168,3 +168,34 @@ def test_train_collects_mp4_episodes_and_trains_from_them_with_workers(tmp_path)
         assert all(f[f"data/{n}/obs/rgb_corner4"].attrs[VIDEO_ATTR].endswith(".mp4") for n in episode_names(f))
     summary = json.loads(next((tmp_path / "logs").glob("*/runs/*/summary.json")).read_text())
     assert summary["global_step"] == 4 and "rollout/success_rate" in summary
+
+
+def test_decoded_episode_cache_gives_the_same_windows(lossless_file, tiny_file):
+    """Whole-episode decoding with the chunk sampler's order returns exactly the per-window frames."""
+    from toolkit.datamodules.windows import EpisodeChunkSampler
+
+    path, _ = lossless_file
+    with h5py.File(tiny_file) as f:
+        names = episode_names(f)
+    keys = ["rgb_corner4", "state"]
+    inline = WindowDataset(tiny_file, names, keys, history=2, horizon=3, transitions=True)
+    cached = WindowDataset(path, names, keys, history=2, horizon=3, transitions=True, decoded_episodes=1)
+    for i in EpisodeChunkSampler(cached.ep_of, 2, seed=1):
+        a, b = inline[i], cached[i]
+        torch.testing.assert_close(a["obs"]["rgb_corner4"], b["obs"]["rgb_corner4"], rtol=0, atol=0)
+        torch.testing.assert_close(a["next_obs"]["rgb_corner4"], b["next_obs"]["rgb_corner4"], rtol=0, atol=0)
+    assert len(cached._decoded) == 1  # bounded: one decoded episode per camera
+
+
+def test_datamodule_draws_mp4_windows_in_episode_chunks(lossless_file):
+    from toolkit.datamodules.episode_datamodule import EpisodeDataModule
+    from toolkit.datamodules.windows import EpisodeChunkSampler
+
+    path, _ = lossless_file
+    dm = EpisodeDataModule(str(path), batch_size=4, video_chunk_episodes=1)
+    dm.setup("fit")
+    assert dm.video and dm.train_set.decoded_episodes == 2
+    assert isinstance(dm.train_dataloader().sampler, EpisodeChunkSampler)
+    off = EpisodeDataModule(str(path), batch_size=4, video_chunk_episodes=0)
+    off.setup("fit")
+    assert off.train_set.decoded_episodes == 0 and not isinstance(off.train_dataloader().sampler, EpisodeChunkSampler)

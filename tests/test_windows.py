@@ -76,3 +76,27 @@ def test_transitions_pair_each_window_with_the_next(tiny_file):
         if i < last:  # the next window's first frame is this window's last
             np.testing.assert_array_equal(item["next_obs"]["rgb_corner4"][0].numpy(), item["obs"]["rgb_corner4"][1].numpy())
     assert item["done"].item() == 1.0 and "next_obs" not in WindowDataset(tiny_file, [name], ["state"], 2, 1)[0]
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=15), k=st.integers(1, 6), seed=st.integers(0, 5))
+def test_episode_chunk_sampler_covers_every_window_a_few_episodes_at_a_time(lengths, k, seed):
+    from toolkit.datamodules.windows import EpisodeChunkSampler
+
+    ep_of = np.repeat(np.arange(len(lengths)), lengths)
+    sampler = EpisodeChunkSampler(ep_of, k, seed=seed)
+    for _ in range(2):  # two epochs: each a permutation of all windows, in another order
+        order = list(sampler)
+        assert sorted(order) == list(range(len(ep_of))) and len(sampler) == len(ep_of)
+        # consecutive blocks of windows come from at most k episodes each, and an episode is in one block
+        blocks, seen, current = [], set(), set()
+        for i in order:
+            e = int(ep_of[i])
+            if e not in current and len(current) == k:
+                blocks.append(current)
+                current = set()
+            current.add(e)
+        blocks.append(current)
+        for block in blocks:
+            assert len(block) <= k and not (block & seen)
+            seen |= block

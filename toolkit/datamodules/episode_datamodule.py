@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from toolkit.datamodules.episode_file import episode_names, open_episode_file, read_split
-from toolkit.datamodules.windows import WindowDataset
+from toolkit.datamodules.video import VIDEO_ATTR
+from toolkit.datamodules.windows import EpisodeChunkSampler, WindowDataset
 from toolkit.errors import ToolkitError
 from toolkit.normalization import compute_stats
 
@@ -28,6 +30,7 @@ class EpisodeDataModule(L.LightningDataModule):
         obs_keys: list[str] | None = None,
         feature_cache: bool = True,
         video_backend: str = "decord",
+        video_chunk_episodes: int = 8,
     ) -> None:
         super().__init__()
         self.path = Path(path)
@@ -38,6 +41,10 @@ class EpisodeDataModule(L.LightningDataModule):
         self.feature_cache = feature_cache
         # decoder of cameras stored as MP4 sidecars: decord | pyav | torchcodec
         self.video_backend = video_backend
+        # MP4 sidecars: shuffle windows this many episodes at a time, so each episode is decoded once per
+        # epoch (0: uniformly shuffled windows, each decoded on its own; see EpisodeChunkSampler)
+        self.video_chunk_episodes = video_chunk_episodes
+        self.video = False
         self.feature_path: Path | None = None
         # offline RL policies need reward, done and next_obs (set by train.py from the policy class)
         self.transitions = False
@@ -64,6 +71,7 @@ class EpisodeDataModule(L.LightningDataModule):
             valid = [n for n in read_split(f, "valid") if n in used]
             first_obs = f["data"][names[0]]["obs"]
             keys = self._keys(f)
+            self.video = any(VIDEO_ATTR in first_obs[k].attrs for k in keys if k.startswith("rgb"))
             if "state" not in keys:
                 raise ToolkitError(f"{self.path}: episodes have no obs/state (keys: {list(first_obs)})")
             self.shape_meta = {
@@ -79,8 +87,9 @@ class EpisodeDataModule(L.LightningDataModule):
         self.valid_set = self._windows(valid, keys) if valid else None
 
     def _windows(self, episodes: list[str], keys: list[str]) -> WindowDataset:
+        chunked = self.video and self.video_chunk_episodes > 0 and not self.feature_path
         return WindowDataset(self.path, episodes, keys, self.history, self.horizon, self.feature_path, self.transitions,
-                             self.video_backend)
+                             self.video_backend, decoded_episodes=2 * self.video_chunk_episodes if chunked else 0)
 
     def refresh(self) -> None:
         """Re-read the file's episode list after episodes were appended (DAgger): from now on every
@@ -98,8 +107,12 @@ class EpisodeDataModule(L.LightningDataModule):
         self.valid_set = self._windows(valid, keys) if valid else None
 
     def _loader(self, dataset: WindowDataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=shuffle and len(dataset) > self.batch_size)
+        sampler = None
+        if shuffle and dataset.decoded_episodes:
+            sampler = EpisodeChunkSampler(dataset.ep_of, self.video_chunk_episodes, seed=torch.initial_seed() % 2**32)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          drop_last=shuffle and len(dataset) > self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

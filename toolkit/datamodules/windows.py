@@ -5,15 +5,17 @@ starting at t. Indices are clamped to the episode's edges (the edge frame repeat
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from gdict import GDict
 from toolkit.datamodules.episode_file import episode_length, open_episode_file
-from toolkit.datamodules.video import DecoderCache, read_images
+from toolkit.datamodules.video import DecoderCache, read_images, video_path
 from toolkit.errors import ToolkitError
 
 
@@ -40,12 +42,14 @@ class WindowDataset(Dataset):
     same span of the file, so nothing is stored twice. One HDF5 handle per file and
     process (each DataLoader worker opens its own, on first use). Cameras stored as MP4 sidecars are
     decoded frame-exactly for the window's span (``video_backend``: decord, pyav or torchcodec), with a
-    per-process cache of open decoders.
+    per-process cache of open decoders; with ``decoded_episodes > 0`` whole episodes are decoded at once
+    (in order, at the decoder's full speed) and the last ``decoded_episodes`` are kept, so that windows
+    drawn a few episodes at a time (``EpisodeChunkSampler``) cost no decoding of their own.
     """
 
     def __init__(self, path: str | Path, episodes: list[str], obs_keys: list[str], history: int, horizon: int,
                  feature_path: str | Path | None = None, transitions: bool = False,
-                 video_backend: str = "decord") -> None:
+                 video_backend: str = "decord", decoded_episodes: int = 0) -> None:
         self.path, self.obs_keys = Path(path), list(obs_keys)
         self.history, self.horizon = history, horizon
         self.feature_path = Path(feature_path) if feature_path else None
@@ -53,6 +57,8 @@ class WindowDataset(Dataset):
         self.image_keys = [k for k in self.obs_keys if k.startswith("rgb")]
         self.file_keys = [k for k in self.obs_keys if not (self.feature_path and k in self.image_keys)]
         self.decoders = DecoderCache(video_backend)
+        self.decoded_episodes = decoded_episodes
+        self._decoded: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
         with open_episode_file(self.path) as f:
             self.lengths = [episode_length(f, name) for name in episodes]
             for name in episodes:
@@ -73,6 +79,7 @@ class WindowDataset(Dataset):
     def _open(self) -> None:
         if self._pid != os.getpid():  # a forked worker must not share its parent's handles
             self._file, self._pid = open_episode_file(self.path), os.getpid()
+            self._decoded = OrderedDict()
             self._features = open_episode_file(self.feature_path) if self.feature_path else None
 
     def __getitem__(self, i: int) -> dict:
@@ -87,7 +94,7 @@ class WindowDataset(Dataset):
         obs = GDict.from_hdf5(g["obs"], keys=[k for k in self.file_keys if k not in self.image_keys], index=span)
         for k in self.file_keys:
             if k in self.image_keys:  # inline frames or the MP4's
-                obs[k] = read_images(g["obs"][k], span, self.decoders)
+                obs[k] = self._images(e, k, g["obs"][k], span)
         if self._features is not None:
             feats = GDict.from_hdf5(self._features["data"][self.episodes[e]]["obs"],
                                     keys=[f"{k}_features" for k in self.image_keys], index=span)
@@ -106,6 +113,17 @@ class WindowDataset(Dataset):
             sample["done"] = torch.tensor(float(g["dones"][t]))
         return sample
 
+    def _images(self, e: int, key: str, dataset, span: slice) -> np.ndarray:
+        if not self.decoded_episodes or video_path(dataset) is None:
+            return read_images(dataset, span, self.decoders)
+        frames = self._decoded.pop((e, key), None)
+        if frames is None:
+            frames = read_images(dataset, slice(None), self.decoders)
+        self._decoded[(e, key)] = frames  # most recently used last
+        while len(self._decoded) > self.decoded_episodes * len(self.image_keys):
+            self._decoded.popitem(last=False)
+        return frames[span]
+
     def _to_torch(self, obs: GDict) -> dict[str, torch.Tensor]:
         """Images channels-first uint8, everything else float32."""
         return {k: torch.from_numpy(np.ascontiguousarray(np.moveaxis(v, -1, 1) if k in self.image_keys else v.astype(np.float32)))
@@ -114,4 +132,28 @@ class WindowDataset(Dataset):
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_file"], state["_features"], state["_pid"] = None, None, None  # h5py handles do not pickle
+        state["_decoded"] = OrderedDict()
         return state
+
+
+class EpisodeChunkSampler(Sampler[int]):
+    """Every window once per epoch, in random order, drawn ``episodes_per_chunk`` episodes at a time: the
+    episodes are shuffled and cut into chunks, and each chunk's windows are shuffled together. With MP4
+    sidecars each episode is then decoded once per epoch (``WindowDataset.decoded_episodes``) instead of
+    once per window; a batch mixes windows of about ``episodes_per_chunk`` episodes."""
+
+    def __init__(self, ep_of: np.ndarray, episodes_per_chunk: int, seed: int = 0) -> None:
+        self.episodes_per_chunk, self.seed, self.epoch = episodes_per_chunk, seed, 0
+        order = np.argsort(ep_of, kind="stable")
+        self.windows_of = np.split(order, np.flatnonzero(np.diff(ep_of[order])) + 1) if len(ep_of) else []
+
+    def __len__(self) -> int:
+        return sum(len(w) for w in self.windows_of)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        episodes = rng.permutation(len(self.windows_of))
+        for start in range(0, len(episodes), self.episodes_per_chunk):
+            chunk = np.concatenate([self.windows_of[e] for e in episodes[start:start + self.episodes_per_chunk]])
+            yield from rng.permutation(chunk).tolist()
