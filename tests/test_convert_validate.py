@@ -87,3 +87,24 @@ def test_unknown_camera_key_is_named(tiny_file):
 
     with pytest.raises(ToolkitError, match=r"episode demo_0 has no obs key\(s\) \['rgb_wrist'\].*data.obs_keys"):
         WindowDataset(tiny_file, ["demo_0"], ["rgb_wrist", "state"], 2, 1)
+
+
+def test_train_on_a_lerobot_dataset_converts_it_once(tiny_file, tmp_path):
+    """`python train.py data=lerobot data.source.path=...`: the LeRobot v3 directory (written from real
+    Meta-World episodes) is converted into our file with MP4 sidecars on first use, then trained on."""
+    from conftest import run_train
+    from toolkit.formats.lerobot import write_lerobot
+    from toolkit.convert import episodes
+
+    lerobot = tmp_path / "drawer_lerobot"
+    write_lerobot(episodes(HDF5Reader(tiny_file)), lerobot, fps=20, lossless=True)
+    args = ["data=lerobot", f"data.source.path={lerobot}", "env.image_size=32", "~callbacks.progress_bar"]
+    run_train(*args, root=tmp_path)
+    (converted,) = (tmp_path / "data").glob("*.hdf5")
+    reader = HDF5Reader(converted)
+    assert len(reader.episode_names()) == 3
+    frames = reader.read_episode("demo_1").obs["rgb_corner4"].astype(int)  # MP4 sidecars at crf 18
+    assert np.abs(frames - HDF5Reader(tiny_file).read_episode("demo_1").obs["rgb_corner4"]).mean() < 5
+    mtime = converted.stat().st_mtime_ns
+    run_train(*args, root=tmp_path)  # second run: nothing converted again
+    assert converted.stat().st_mtime_ns == mtime

@@ -56,12 +56,37 @@ def convert_to_hdf5(reader: Any, dst: str | Path, video: dict[str, Any] | None =
 
     names = reader.episode_names()
     have, _ = existing_episodes(Path(dst))
+    if have >= len(names):
+        return have
     writer = EpisodeWriter(dst, reader.env_args, video=video)
     for name in tqdm(names[have:], desc=f"converting into {Path(dst).name}", unit="ep", initial=have,
                      total=len(names), disable=not progress):
         episode = reader.read_episode(name)
         writer.append(episode.to_gdict(), {**_attrs(episode.attrs), "source_episode": str(name)})
     return max(have, len(names))
+
+
+def convert_source(source: Any, dst: str | Path, progress: bool = True) -> None:
+    """``data.source`` (``format``, ``path``, ``options``, ``video``) converted into our file ``dst``
+    unless it already holds every episode; a ``dst`` converted from another source is refused."""
+    import h5py
+
+    from toolkit.collect import existing_episodes
+
+    dst, src, origin = Path(dst), str(Path(source["path"]).resolve()), None
+    if dst.exists():
+        with h5py.File(dst, "r") as f:
+            origin = f["data"].attrs.get("converted_from") if "data" in f else None
+        if origin is not None and origin != src:
+            raise ToolkitError(f"data.path={dst} was converted from {origin}, not data.source.path={src}; "
+                               f"set another data.path")
+    reader = open_reader(source["format"], src, **dict(source.get("options") or {}))
+    if origin == src and existing_episodes(dst)[0] >= len(reader.episode_names()):
+        return  # converted before: the file is not touched
+    video = {"crf": 18} if source.get("video") else None
+    convert_to_hdf5(reader, dst, video, progress)
+    with h5py.File(dst, "a") as f:
+        f["data"].attrs["converted_from"] = src
 
 
 def _attrs(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +105,11 @@ def convert(src: str | Path, dst: str | Path, src_format: str, dst_format: str, 
     if dst_format not in FORMATS or FORMATS[dst_format][1] is None:
         writable = [f for f, (_, w) in FORMATS.items() if w] + ["hdf5"]
         raise ToolkitError(f"cannot write format {dst_format!r}: writable formats are {', '.join(writable)}")
-    _load(FORMATS[dst_format][1])(episodes(reader), dst, env_args=reader.env_args)
+    import inspect
+
+    writer = _load(FORMATS[dst_format][1])
+    kwargs = {"env_args": reader.env_args} if "env_args" in inspect.signature(writer).parameters else {}
+    writer(episodes(reader), dst, **kwargs)
 
 
 def _parse_options(items: list[str]) -> dict[str, Any]:

@@ -26,6 +26,12 @@ def ensure_demos(cfg: DictConfig) -> None:
     from toolkit.collect import collect_from_config, existing_episodes
 
     path = Path(cfg.data.path)
+    source = cfg.data.get("source")
+    if source is not None:  # data=robomimic|spoc|spawnnet|lerobot: converted into data.path once
+        from toolkit.convert import convert_source
+
+        convert_source(source, path)
+        return
     have, _ = existing_episodes(path)
     if have >= (cfg.data.num_demos or 1):
         return

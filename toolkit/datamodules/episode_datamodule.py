@@ -31,6 +31,7 @@ class EpisodeDataModule(L.LightningDataModule):
         feature_cache: bool = True,
         video_backend: str = "decord",
         video_chunk_episodes: int = 8,
+        source: dict | None = None,
     ) -> None:
         super().__init__()
         self.path = Path(path)
@@ -45,6 +46,8 @@ class EpisodeDataModule(L.LightningDataModule):
         # epoch (0: uniformly shuffled windows, each decoded on its own; see EpisodeChunkSampler)
         self.video_chunk_episodes = video_chunk_episodes
         self.video = False
+        # another tool's dataset that data.path was converted from (train.py converts it before training)
+        self.source = source
         self.feature_path: Path | None = None
         # offline RL policies need reward, done and next_obs (set by train.py from the policy class)
         self.transitions = False

@@ -94,7 +94,12 @@ class Decoder:
             raise ToolkitError(f"video {self.path} has {self.num_frames} frames; frame {int(indices.max())} "
                                f"was asked for (the episode file declares more steps than the video holds)")
         if self.backend == "decord":
-            return self._reader.get_batch(indices.tolist()).asnumpy()
+            try:
+                return self._reader.get_batch(indices.tolist()).asnumpy()
+            except Exception:  # decord rejects some frame widths (16, 24, 48, 72 px): PyAV decodes them
+                self.close()
+                self.__init__(self.path, "pyav")
+                return self._pyav_frames(indices)
         if self.backend == "torchcodec":
             return self._reader.get_frames_at(indices=indices.tolist()).data.permute(0, 2, 3, 1).numpy()
         return self._pyav_frames(indices)

@@ -142,7 +142,7 @@ class RobomimicReader:
                 if str(e).startswith(where):
                     raise
                 raise ToolkitError(f"{where}: {e}") from None  # e.g. a missing or short MP4 sidecar
-            except (OSError, KeyError, ValueError, TypeError) as e:
+            except (OSError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
                 raise ToolkitError(f"{where} cannot be read ({type(e).__name__}: {e})") from None
         episode.check(where)
         return episode

@@ -37,7 +37,7 @@ Mapping to our episodes:
   ``view1`` ...; views of a named key are ``<name>`` (one view) or ``<name>_<i>``. Float images are
   taken as [0, 255], or as [0, 1] when their maximum is at most 1, rounded and clipped to uint8.
 * Depth (``depth``, ``depth_<name>``, ``<name>_depth``; one channel per view) only with option
-  ``depth=True``: ``depth_<camera>`` float32 ``[L, H, W, 1]``, as stored.
+  ``depth=True``: ``depth_<camera>`` float32 ``[L, H, W, 1]``, as stored, views named as the colour ones.
 * ``state`` float32 ``[L, D]``: the obs keys ``state_keys`` (paths like ``state`` or ``agent/qpos``)
   flattened per step and concatenated; default ``["state"]`` when the trajectory has ``obs/state``
   (SpawnNet's and ManiSkill2-Learn's proprioception), else every other non-image obs key, sorted, except
@@ -232,7 +232,7 @@ class SpawnNetReader:
             raise
         except OSError as e:
             raise ToolkitError(f"{where} cannot be read ({e})") from None
-        except (KeyError, ValueError, TypeError) as e:
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
             raise ToolkitError(f"{where} cannot be read ({type(e).__name__}: {e})") from None
         episode.attrs.setdefault("file", file.relative_to(self.path).as_posix() if self.path.is_dir() else file.name)
         episode.check(where)

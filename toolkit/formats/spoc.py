@@ -195,7 +195,7 @@ class SpocReader:
                 raise ToolkitError(f"{where} is not in the file (groups: {groups})")
             try:
                 sensors, attrs = self._read_sensors(f[episode], where)
-            except (OSError, KeyError, ValueError, TypeError) as e:
+            except (OSError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
                 raise ToolkitError(f"{where} cannot be read ({type(e).__name__}: {e})") from None
         actions, state = sensors
         n = len(actions)
