@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-all bench clean
+.PHONY: install run test test-all bench bench-loading compare-venv clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/drawer_open.py
+
+# LeRobot's and robomimic's loaders beside ours (bench/loading.py); builds .venv-compare once
+compare-venv: $(STAMP)
+	test -x .venv-compare/bin/python || bench/compare_venv.sh
+
+bench-loading: compare-venv
+	$(BIN)/python bench/loading.py
 
 clean:
 	rm -rf $(VENV) logs data/debug_*

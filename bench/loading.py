@@ -5,15 +5,21 @@
 Data: real Meta-World drawer-open frames (84 px, one camera), `--episodes` episodes of `--steps` frames,
 collected once with `python -m toolkit.collect`, then converted to MP4 sidecars (h264 crf 18, keyframe
 every 8 frames) with `python -m toolkit.convert`. Loading: our WindowDataset (2-frame observation window,
-4-step action chunk), a shuffled DataLoader with batch 64 and 0, 1, 2 workers. The raw decoder row
+4-step action chunk), a shuffled DataLoader with batch 64 and 0, 1, 2 workers, batches read whole
+(`BatchSampler`, `batch_size=None`), as EpisodeDataModule does. The raw decoder row
 decodes every frame of the same MP4s in order with decord (the limit for MP4 loading). Memory: the
 loading process's RSS (and its workers') sampled over a long run, and its open file count.
-Prints a table and writes it to <root>/loading.md.
+
+Beside ours, the loaders of LeRobot and robomimic run on the same episodes (bench/loading_others.py,
+in `.venv-compare`, which `make compare-venv` builds; skipped with a message without it): LeRobot's
+`LeRobotDataset` on the LeRobot v3 copy that our converter writes, robomimic's `SequenceDataset` on the
+inline file. Prints the tables and writes them to <root>/loading.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -54,7 +60,7 @@ def make_data(root: Path, episodes: int, steps: int) -> tuple[Path, Path]:
 
 def loader_rate(path: Path, workers: int, batches: int, backend: str = "decord", chunk: int = 0) -> dict[str, float]:
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import BatchSampler, DataLoader
 
     from toolkit.datamodules.episode_file import episode_names, open_episode_file
     from toolkit.datamodules.windows import WindowDataset
@@ -68,7 +74,8 @@ def loader_rate(path: Path, workers: int, batches: int, backend: str = "decord",
     else:  # uniform random windows, as a shuffled epoch draws them, for as many batches as asked
         sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9,
                                                  generator=torch.Generator().manual_seed(0))
-    loader = DataLoader(dataset, batch_size=64, sampler=sampler, num_workers=workers)
+    # as EpisodeDataModule loads: whole batches per dataset call
+    loader = DataLoader(dataset, batch_size=None, sampler=BatchSampler(sampler, 64, drop_last=True), num_workers=workers)
     it = iter(loader)
     for _ in range(5):  # warm-up: workers started, decoders opened
         next(it)
@@ -111,6 +118,25 @@ def raw_decoder_fps(video_root: Path) -> float:
     return frames / (time.perf_counter() - start)
 
 
+def others(python: Path, inline: Path, root: Path, batches: int) -> list[dict]:
+    """LeRobot's and robomimic's loaders on the same episodes, in the environment that has them."""
+    from toolkit.convert import convert
+
+    if not python.exists():
+        print(f"{python} not found: LeRobot and robomimic are not measured (make compare-venv builds it)")
+        return []
+    lerobot = root / "lerobot"
+    if not lerobot.exists():
+        convert(inline, lerobot, "hdf5", "lerobot", progress=False)
+    out = subprocess.run([str(python), str(ROOT / "bench" / "loading_others.py"), "--lerobot", str(lerobot),
+                          "--robomimic", str(inline), "--batches", str(batches)],
+                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    for r in rows:
+        print(r, flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=None)
@@ -118,6 +144,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--long", type=int, default=600, help="batches of the memory run (0 workers, MP4)")
+    parser.add_argument("--others-python", type=Path, default=ROOT / ".venv-compare" / "bin" / "python",
+                        help="python of the environment with lerobot and robomimic")
     args = parser.parse_args()
     import torch
 
@@ -137,6 +165,7 @@ def main() -> None:
             print(label, workers, {k: round(v, 1) for k, v in r.items()}, flush=True)
     raw = raw_decoder_fps(root / "mp4_videos")
     long = loader_rate(video, 0, args.long, chunk=8)
+    theirs = others(args.others_python, inline, root, args.batches)
 
     lines = [f"| data ({args.episodes} episodes x {args.steps} frames, 84 px, size on disk) | workers | windows/s | "
              "frames/s | vs raw decoder | peak RSS (MB) |", "|---|---|---|---|---|---|"]
@@ -148,6 +177,16 @@ def main() -> None:
     memory = (f"Long run, MP4 in 8-episode chunks, 0 workers, {args.long} batches: RSS {long['rss_start_mb']:.0f} MB after warm-up, "
               f"peak {long['rss_peak_mb']:.0f} MB, end {long['rss_end_mb']:.0f} MB; open files grew by "
               f"{long['fd_growth']}.")
+    if theirs:
+        ours = {("mp4", w): r for label, w, r in rows if label.startswith("MP4, 8-episode chunks (decord")}
+        ours.update({("inline", w): r for label, w, r in rows if label.startswith("inline")})
+        lines = ["", "| loader (same episodes) | workers | windows/s | peak RSS (MB) | ours, same data and workers | ours / theirs |",
+                 "|---|---|---|---|---|---|"]
+        for r in theirs:
+            mine = ours[("mp4" if r["loader"].startswith("LeRobot") else "inline", r["workers"])]
+            lines.append(f"| {r['loader']} | {r['workers']} | {r['windows_per_s']:.0f} | {r['rss_peak_mb']:.0f} | "
+                         f"{mine['windows_per_s']:.0f} | {mine['windows_per_s'] / r['windows_per_s']:.1f}x |")
+        table += "\n" + "\n".join(lines)
     print(table + "\n\n" + memory)
     (root / "loading.md").write_text(table + "\n\n" + memory + "\n")
 

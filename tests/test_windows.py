@@ -100,3 +100,47 @@ def test_episode_chunk_sampler_covers_every_window_a_few_episodes_at_a_time(leng
         for block in blocks:
             assert len(block) <= k and not (block & seen)
             seen |= block
+
+
+@pytest.fixture(scope="module")
+def tiny_windows(tiny_file):
+    with h5py.File(tiny_file) as f:
+        names = episode_names(f)
+    return WindowDataset(tiny_file, names, ["rgb_corner4", "state"], history=3, horizon=2, transitions=True)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_a_batch_read_at_once_equals_its_windows_read_one_by_one(tiny_windows, data):
+    # the fast path (EpisodeDataModule reads whole batches) must give exactly the per-window samples,
+    # for any indices: repeated ones, windows at episode edges, windows of several episodes
+    indices = data.draw(st.lists(st.integers(0, len(tiny_windows) - 1), min_size=1, max_size=20))
+    batch = tiny_windows[indices]
+    for j, i in enumerate(indices):
+        item = tiny_windows[i]
+        for key in ("obs_is_pad", "action", "action_is_pad", "next_obs_is_pad", "reward", "done"):
+            np.testing.assert_array_equal(batch[key][j].numpy(), item[key].numpy())
+        for group in ("obs", "next_obs"):
+            for key, value in item[group].items():
+                assert batch[group][key].dtype == value.dtype
+                np.testing.assert_array_equal(batch[group][key][j].numpy(), value.numpy())
+
+
+def test_the_datamodule_loader_yields_whole_shuffled_batches(tiny_file):
+    from toolkit.datamodules.episode_datamodule import EpisodeDataModule
+
+    dm = EpisodeDataModule(str(tiny_file), history=2, horizon=3, batch_size=4, num_workers=0)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    batches = list(dm.train_dataloader())
+    assert all(len(b["action"]) == 4 for b in batches)  # the last, partial batch is dropped when training
+    assert batches[0]["obs"]["rgb_corner4"].shape == (4, 2, 3, 32, 32) and batches[0]["action"].shape[:2] == (4, 3)
+    seen = torch.cat([b["action"] for b in batches]).numpy()
+    everything = dm.train_set[list(range(len(dm.train_set)))]["action"].numpy()
+    # each window at most once per epoch, in a shuffled order
+    assert len(seen) == len(everything) // 4 * 4
+    assert not np.array_equal(seen, everything[: len(seen)])
+    rows = {r.tobytes() for r in everything}
+    assert all(r.tobytes() in rows for r in seen)
+    valid = list(dm.val_dataloader())
+    assert sum(len(b["action"]) for b in valid) == len(dm.valid_set)  # validation keeps every window, in order

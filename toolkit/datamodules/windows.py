@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from gdict import GDict
 from toolkit.datamodules.episode_file import episode_length, open_episode_file
 from toolkit.datamodules.video import DecoderCache, read_images, video_path
 from toolkit.errors import ToolkitError
@@ -34,12 +33,18 @@ def window_indices(t: int, length: int, history: int, horizon: int):
 class WindowDataset(Dataset):
     """Samples ``{"obs": {key: [T, ...]}, "obs_is_pad": [T], "action": [H, A], "action_is_pad": [H]}``.
 
-    Images come out channels-first (``[T, 3, H, W]`` uint8). With a ``feature_path`` (a feature cache
-    of a frozen encoder, see ``toolkit.encoders.cache``) every ``rgb_<camera>`` is replaced by
-    ``rgb_<camera>_features`` ``[T, N, D]`` float32 read from that file. With ``transitions`` (offline RL)
-    a sample also has ``reward`` and ``done`` of step t and ``next_obs`` / ``next_obs_is_pad``, the window
-    ending at t + 1 (at an episode's last step, the same window; ``done`` is 1 there), read from the
-    same span of the file, so nothing is stored twice. One HDF5 handle per file and
+    ``dataset[i]`` is one window; ``dataset[list_of_indices]`` is a whole batch of them (every array with a
+    leading batch dim), read in one vectorized pass: the fast path, used by ``EpisodeDataModule`` with a
+    ``BatchSampler`` and ``batch_size=None`` (PyTorch's "batched loading"). Images come out channels-first
+    (``[T, 3, H, W]`` uint8), everything else float32. Low-dimensional arrays (``state``, other non-image
+    obs keys, actions, rewards, dones) are read into memory once per process (as robomimic's ``low_dim``
+    cache); frames stay on disk and are read per window, only the span the window covers.
+
+    With a ``feature_path`` (a feature cache of a frozen encoder, see ``toolkit.encoders.cache``) every
+    ``rgb_<camera>`` is replaced by ``rgb_<camera>_features`` ``[T, N, D]`` float32 read from that file.
+    With ``transitions`` (offline RL) a sample also has ``reward`` and ``done`` of step t and ``next_obs`` /
+    ``next_obs_is_pad``, the window ending at t + 1 (at an episode's last step, the same window; ``done`` is
+    1 there), read from the same span of the file, so nothing is stored twice. One HDF5 handle per file and
     process (each DataLoader worker opens its own, on first use). Cameras stored as MP4 sidecars are
     decoded frame-exactly for the window's span (``video_backend``: decord, pyav or torchcodec), with a
     per-process cache of open decoders; with ``decoded_episodes > 0`` whole episodes are decoded at once
@@ -55,7 +60,7 @@ class WindowDataset(Dataset):
         self.feature_path = Path(feature_path) if feature_path else None
         self.transitions = transitions
         self.image_keys = [k for k in self.obs_keys if k.startswith("rgb")]
-        self.file_keys = [k for k in self.obs_keys if not (self.feature_path and k in self.image_keys)]
+        self.low_dim_keys = [k for k in self.obs_keys if k not in self.image_keys]
         self.decoders = DecoderCache(video_backend)
         self.decoded_episodes = decoded_episodes
         self._decoded: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
@@ -67,10 +72,14 @@ class WindowDataset(Dataset):
                     raise ToolkitError(f"{self.path}: episode {name} has no obs key(s) {missing} "
                                    f"(it has {sorted(f['data'][name]['obs'])}); check data.obs_keys")
         self.episodes = list(episodes)
-        # (episode, step) of every sample, as two flat arrays.
+        # (episode, step) of every sample, as two flat arrays; offset of each episode in the low-dim arrays.
         self.ep_of = np.repeat(np.arange(len(episodes)), self.lengths)
         self.t_of = np.concatenate([np.arange(n) for n in self.lengths]) if episodes else np.zeros(0, int)
+        self._length = np.asarray(self.lengths, dtype=np.int64)
+        self._offset = np.concatenate([[0], np.cumsum(self._length)[:-1]]).astype(np.int64)
         self._file = self._features = None
+        self._low: dict[str, np.ndarray] | None = None
+        self._frames: dict[tuple[int, str], object] = {}
         self._pid = None
 
     def __len__(self) -> int:
@@ -79,39 +88,73 @@ class WindowDataset(Dataset):
     def _open(self) -> None:
         if self._pid != os.getpid():  # a forked worker must not share its parent's handles
             self._file, self._pid = open_episode_file(self.path), os.getpid()
-            self._decoded = OrderedDict()
+            self._decoded, self._frames, self._low = OrderedDict(), {}, None
             self._features = open_episode_file(self.feature_path) if self.feature_path else None
+        if self._low is None:
+            self._low = self._read_low_dim()
 
-    def __getitem__(self, i: int) -> dict:
-        e, t = int(self.ep_of[i]), int(self.t_of[i])
+    def _read_low_dim(self) -> dict[str, np.ndarray]:
+        """Every episode's low-dimensional arrays, concatenated in episode order (float32)."""
+        groups = [self._file["data"][name] for name in self.episodes]
+        keys = [*(f"obs/{k}" for k in self.low_dim_keys), "actions", *(["rewards", "dones"] if self.transitions else [])]
+        return {k: np.concatenate([np.asarray(g[k][()], dtype=np.float32) for g in groups]) for k in keys}
+
+    def __getitem__(self, i):
+        if np.ndim(i) == 0:
+            return _tree_map(lambda x: x[0], self.get_batch(np.array([int(i)])))
+        return self.get_batch(np.asarray(i, dtype=np.int64))
+
+    def get_batch(self, indices: np.ndarray) -> dict:
+        """The windows at ``indices`` as one batch (every array with leading dim ``len(indices)``)."""
         self._open()
-        g = self._file["data"][self.episodes[e]]
-        length = self.lengths[e]
-        obs_idx, obs_pad, act_idx, act_pad = window_indices(t, length, self.history, self.horizon)
-        next_idx, next_pad, _, _ = window_indices(min(t + 1, length - 1), length, self.history, 1)
-        # Read the contiguous span once, then expand the clamped (repeated) edge indices.
-        span = slice(obs_idx[0], (next_idx if self.transitions else obs_idx)[-1] + 1)
-        obs = GDict.from_hdf5(g["obs"], keys=[k for k in self.file_keys if k not in self.image_keys], index=span)
-        for k in self.file_keys:
-            if k in self.image_keys:  # inline frames or the MP4's
-                obs[k] = self._images(e, k, g["obs"][k], span)
-        if self._features is not None:
-            feats = GDict.from_hdf5(self._features["data"][self.episodes[e]]["obs"],
-                                    keys=[f"{k}_features" for k in self.image_keys], index=span)
-            obs = GDict({**obs.memory, **feats.memory})
-        action = g["actions"][act_idx[0]: act_idx[-1] + 1][act_idx - act_idx[0]]
-        sample = {
-            "obs": self._to_torch(obs[obs_idx - obs_idx[0]]),
-            "obs_is_pad": torch.from_numpy(obs_pad),
-            "action": torch.from_numpy(action.astype(np.float32)),
-            "action_is_pad": torch.from_numpy(act_pad),
+        e, t = self.ep_of[indices], self.t_of[indices]
+        length, offset = self._length[e][:, None], self._offset[e][:, None]
+        back = np.arange(1 - self.history, 1)
+        obs_raw, act_raw = t[:, None] + back, t[:, None] + np.arange(self.horizon)
+        obs_idx, act_idx = np.clip(obs_raw, 0, length - 1), np.minimum(act_raw, length - 1)
+        next_raw = np.minimum(t + 1, length[:, 0] - 1)[:, None] + back
+        next_idx = np.clip(next_raw, 0, length - 1)
+        # Frames: one contiguous span per window (and its next window), read once.
+        start, stop = obs_idx[:, 0], (next_idx if self.transitions else obs_idx)[:, -1] + 1
+        spans = {k: [self._span(int(ep), k, int(a), int(b)) for ep, a, b in zip(e, start, stop)]
+                 for k in self.image_keys}
+        low = self._low
+        batch = {
+            "obs": self._obs(offset, obs_idx, spans, start),
+            "obs_is_pad": torch.from_numpy(obs_raw != obs_idx),
+            "action": torch.from_numpy(low["actions"][offset + act_idx]),
+            "action_is_pad": torch.from_numpy(act_raw != act_idx),
         }
         if self.transitions:
-            sample["next_obs"] = self._to_torch(obs[next_idx - obs_idx[0]])
-            sample["next_obs_is_pad"] = torch.from_numpy(next_pad)
-            sample["reward"] = torch.tensor(float(g["rewards"][t]))
-            sample["done"] = torch.tensor(float(g["dones"][t]))
-        return sample
+            batch["next_obs"] = self._obs(offset, next_idx, spans, start)
+            batch["next_obs_is_pad"] = torch.from_numpy(next_raw != next_idx)
+            batch["reward"] = torch.from_numpy(low["rewards"][offset[:, 0] + t])
+            batch["done"] = torch.from_numpy(low["dones"][offset[:, 0] + t])
+        return batch
+
+    def _obs(self, offset: np.ndarray, idx: np.ndarray, spans: dict[str, list[np.ndarray]], start: np.ndarray) -> dict:
+        """Observations at step indices ``idx`` [B, T]; ``spans[key][b]`` holds window b's frames from ``start[b]``."""
+        obs = {k: torch.from_numpy(self._low[f"obs/{k}"][offset + idx]) for k in self.low_dim_keys}
+        features = self._features is not None
+        for k, frames in spans.items():
+            shape = frames[0].shape[1:] if features else (frames[0].shape[3], *frames[0].shape[1:3])  # HWC -> CHW
+            out = np.empty((*idx.shape, *shape), dtype=np.float32 if features else np.uint8)
+            for b, (span, a) in enumerate(zip(frames, start)):
+                window = span[idx[b] - a]
+                out[b] = window if features else window.transpose(0, 3, 1, 2)
+            obs[f"{k}_features" if features else k] = torch.from_numpy(out)
+        return obs
+
+    def _span(self, e: int, key: str, start: int, stop: int) -> np.ndarray:
+        """Frames (or, with a feature cache, features) ``start:stop`` of episode ``e``'s camera ``key``."""
+        dataset = self._frames.get((e, key))  # h5py lookups by name cost more than the read itself
+        if dataset is None:
+            source = self._features if self._features is not None else self._file
+            name = f"{key}_features" if self._features is not None else key
+            dataset = self._frames[(e, key)] = source["data"][self.episodes[e]]["obs"][name]
+        if self._features is not None:
+            return dataset[start:stop]
+        return self._images(e, key, dataset, slice(start, stop))
 
     def _images(self, e: int, key: str, dataset, span: slice) -> np.ndarray:
         if not self.decoded_episodes or video_path(dataset) is None:
@@ -124,16 +167,15 @@ class WindowDataset(Dataset):
             self._decoded.popitem(last=False)
         return frames[span]
 
-    def _to_torch(self, obs: GDict) -> dict[str, torch.Tensor]:
-        """Images channels-first uint8, everything else float32."""
-        return {k: torch.from_numpy(np.ascontiguousarray(np.moveaxis(v, -1, 1) if k in self.image_keys else v.astype(np.float32)))
-                for k, v in obs.items_flat()}
-
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_file"], state["_features"], state["_pid"] = None, None, None  # h5py handles do not pickle
-        state["_decoded"] = OrderedDict()
+        state["_decoded"], state["_frames"], state["_low"] = OrderedDict(), {}, None
         return state
+
+
+def _tree_map(fn, tree):
+    return {k: _tree_map(fn, v) for k, v in tree.items()} if isinstance(tree, dict) else fn(tree)
 
 
 class EpisodeChunkSampler(Sampler[int]):

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Builds .venv-compare: the real lerobot and robomimic packages beside the toolkit, for bench/loading.py.
+# lerobot 0.4.4 pins torch<2.11 and robomimic 0.3.0 wants egl_probe (a CMake build); both run on the
+# toolkit's torch, so they are installed without their pins (--no-deps) with the few packages their data
+# loaders import, on top of .venv (chained with a .pth file, so torch is not installed twice). LeRobot
+# decodes MP4 with torchcodec, which needs FFmpeg's shared libraries (Debian packages, needs root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+test -x .venv/bin/python || { echo "run 'make install' first"; exit 1; }
+if ! ldconfig -p | grep -q libavcodec.so; then
+  apt-get install -y -q libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8
+fi
+python3 -m venv .venv-compare
+.venv/bin/python -c "import site; print(site.getsitepackages()[0])" \
+  > "$(.venv-compare/bin/python -c 'import site; print(site.getsitepackages()[0])')/toolkit_venv.pth"
+.venv-compare/bin/pip install -q --no-deps lerobot==0.4.4 robomimic==0.3.0 torchcodec "accelerate>=1.10,<2"
+.venv-compare/bin/pip install -q "datasets>=4,<5" "huggingface-hub>=0.34.2,<0.36" jsonlines deepdiff draccus==0.10.0 \
+  einops termcolor tensorboardX psutil
+.venv-compare/bin/python -c "import lerobot, robomimic, torchcodec; print('lerobot', lerobot.__version__, 'robomimic', robomimic.__version__)"
