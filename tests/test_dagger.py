@@ -119,11 +119,11 @@ def test_beta_one_executes_the_expert_and_beta_zero_the_learner():
     expert = [_expert_states(s) for s in seeds]
     with_expert = _mixture(1.0, seeds)
     assert [r[2] for r in with_expert] == seeds
-    for (episode, _, seed, n_expert), states in zip(with_expert, expert):
-        assert n_expert == len(episode) == 12
+    for (episode, _, seed, n_expert, instruction, _), states in zip(with_expert, expert):
+        assert n_expert == len(episode) == 12 and instruction is None  # Meta-World has no instructions
         np.testing.assert_allclose(episode["obs"]["state"], states, atol=1e-5)
     with_learner = _mixture(0.0, seeds)
-    for (episode, _, seed, n_expert), states in zip(with_learner, expert):
+    for (episode, _, seed, n_expert, _, _), states in zip(with_learner, expert):
         assert n_expert == 0
         # the learner does not move: the hand stays put while the expert's moves
         assert np.abs(episode["obs"]["state"][:, :3] - episode["obs"]["state"][0, :3]).max() < 0.02

@@ -9,6 +9,7 @@ Episode ``i`` is reset with seed ``data.seed + attempt``: the same command colle
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,9 @@ def collect(
     ``policy="expert"`` acts with the env's expert, perturbed by Gaussian ``action_noise`` (std, in action
     units) and replaced by a uniformly random action with probability ``epsilon``; ``policy="random"``
     acts uniformly at random. Each episode records what acted in its ``source`` attribute, and the env's
-    ``instruction()`` (where it has one) in its ``instruction`` attribute. ``video`` (``{"crf",
+    ``instruction()`` (where it has one) in its ``instruction`` attribute, and the env's sub-skill
+    ``segments()`` (BabyAI: the step each clause of the mission was completed) in ``segments`` and the
+    mission's clauses (``sub_instructions()``) in ``sub_instructions`` (both JSON). ``video`` (``{"crf",
     "keyframe_interval", "lossless"}``) stores cameras as MP4 sidecars (see ``EpisodeWriter``).
 
     Discrete action spaces (``gym.spaces.Discrete``) are stored like continuous ones, as ``actions``
@@ -82,6 +85,7 @@ def collect(
         steps: list[list[dict]] = [[] for _ in range(num_envs)]
         env_attempt = np.full(num_envs, -1)
         env_instruction: list[str | None] = [None] * num_envs
+        env_clauses: list[list[str] | None] = [None] * num_envs
         rejected = 0
         rng = np.random.default_rng(seed + attempt)
 
@@ -107,9 +111,9 @@ def collect(
             attempt += len(attempts)
             obs = reset_some(envs, mask, [seed + int(a) for a in attempts], obs)
             # Read now: sub-envs reset at different times, and the instruction is the new episode's.
-            instructions = envs.call("instruction")
+            instructions, clauses = envs.call("instruction"), envs.call("sub_instructions")
             for i in np.flatnonzero(mask):
-                env_instruction[i] = instructions[i]
+                env_instruction[i], env_clauses[i] = instructions[i], clauses[i]
             return obs
 
         active = np.ones(num_envs, dtype=bool)
@@ -123,6 +127,7 @@ def collect(
                 steps[i].append({"obs": {k: v[i] for k, v in obs.items()}, "actions": actions[i],
                                  "rewards": np.float32(rewards[i]), "dones": np.uint8(0)})
             ended = active & (terminated | truncated)
+            segments = envs.call("segments") if ended.any() else None  # before the reset below
             for i in np.flatnonzero(ended):
                 success = bool(info["success"][i])
                 if success or not only_success:
@@ -133,6 +138,10 @@ def collect(
                                  "attempt": int(env_attempt[i]), "source": source}
                         if env_instruction[i] is not None:
                             attrs["instruction"] = env_instruction[i]
+                        if segments[i] is not None:
+                            attrs["segments"] = json.dumps(segments[i])
+                        if env_clauses[i] is not None:
+                            attrs["sub_instructions"] = json.dumps(env_clauses[i])
                         writer.append(episode, attrs)
                         bar.update(1)
                 else:

@@ -46,6 +46,26 @@ def ensure_demos(cfg: DictConfig) -> None:
     collect_from_config(cfg)
 
 
+def adapt_policy_config(cfg: DictConfig, action_space, datamodule) -> None:
+    """What the env and data decide about the policy, written into ``cfg.policy`` (so checkpoints rebuild it):
+    discrete actions from a ``Discrete`` action space; an instruction embedding (``lang_dim``) when the
+    episodes have instructions and ``language`` is set (``language=null`` turns it off)."""
+    import gymnasium as gym
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    if isinstance(action_space, gym.spaces.Discrete):
+        if "action_type" not in cfg.policy:
+            raise ToolkitError(f"policy {cfg.policy._target_} has no discrete actions, which this env needs ({action_space})")
+        with open_dict(cfg):
+            cfg.policy.action_type, cfg.policy.num_actions = "discrete", int(action_space.n)
+    if cfg.get("language") is None or "lang_dim" not in cfg.policy or not datamodule.has_instructions():
+        return
+    datamodule.language = instantiate(cfg.language)
+    with open_dict(cfg):
+        cfg.policy.lang_dim = datamodule.language.out_dim
+
+
 def train(cfg: DictConfig) -> dict:
     """Run the whole job; returns the summary (also written to ``<output_dir>/summary.json``)."""
     import lightning as L
@@ -64,12 +84,13 @@ def train(cfg: DictConfig) -> dict:
 
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(cfg.num_threads)
-    check_env(cfg.env)  # fail fast on a bad env config (unknown task...) before collecting
+    action_space = check_env(cfg.env)  # fail fast on a bad env config (unknown task...) before collecting
     collect_start = time.perf_counter()
     ensure_demos(cfg)
     collect_time = time.perf_counter() - collect_start
 
     datamodule = instantiate(cfg.data)
+    adapt_policy_config(cfg, action_space, datamodule)
     encoder = instantiate(cfg.encoder)
     if datamodule.feature_cache and encoder.frozen and not cfg.policy.get("blank_images"):
         from toolkit.encoders.cache import build_feature_cache
@@ -84,6 +105,8 @@ def train(cfg: DictConfig) -> dict:
     policy = instantiate(cfg.policy, encoder=encoder, shape_meta=datamodule.shape_meta,
                          stats=datamodule.stats, _convert_="all")
     policy.toolkit_cfg = OmegaConf.to_container(cfg, resolve=True)
+    policy.language = datamodule.language
+    policy.trained_instructions = datamodule.instruction_summary if datamodule.language is not None else None
     callbacks = {name: instantiate(c) for name, c in (cfg.get("callbacks") or {}).items()}
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False)

@@ -6,14 +6,42 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from toolkit.datamodules.episode_file import episode_names, open_episode_file, read_split
+from toolkit.datamodules.episode_file import episode_length, episode_names, open_episode_file, read_split
+from toolkit.datamodules.relabel import Summarizer, chain_spans, episode_spans, read_segments, spans_array
 from toolkit.datamodules.video import VIDEO_ATTR
 from toolkit.datamodules.windows import EpisodeChunkSampler, WindowDataset
 from toolkit.errors import ToolkitError
 from toolkit.normalization import compute_stats
+
+
+def episode_clauses(attrs) -> list[str]:
+    """An episode's mission clauses: its ``sub_instructions`` attribute, else its segments' instructions,
+    else its instruction alone."""
+    import json
+
+    if "sub_instructions" in attrs:
+        return list(json.loads(attrs["sub_instructions"]))
+    if "segments" in attrs:
+        return [s["instruction"] for s in json.loads(attrs["segments"])]
+    return [str(attrs["instruction"])] if "instruction" in attrs else []
+
+
+def instruction_summary(f, episodes: list[str]) -> dict | None:
+    """Missions, clauses and the longest chain (in clauses) among ``episodes``; None without instructions."""
+    missions, clauses, longest = set(), set(), 0
+    for name in episodes:
+        attrs = f["data"][name].attrs
+        if "instruction" not in attrs:
+            return None
+        missions.add(str(attrs["instruction"]))
+        parts = episode_clauses(attrs)
+        clauses.update(parts)
+        longest = max(longest, len(parts))
+    return {"missions": sorted(missions), "clauses": sorted(clauses), "max_clauses": longest} if episodes else None
 
 
 class EpisodeDataModule(L.LightningDataModule):
@@ -32,6 +60,15 @@ class EpisodeDataModule(L.LightningDataModule):
         video_backend: str = "decord",
         video_chunk_episodes: int = 8,
         source: dict | None = None,
+        relabel: list[str] | None = None,
+        relabel_keep_original: bool = True,
+        relabel_max_segments: int = 3,
+        summarizer: Summarizer | None = None,
+        chain_per_segment: int = 1,
+        chain_tolerance: float | None = 0.0,
+        chain_seed: int = 0,
+        holdout_instructions: list[str] | None = None,
+        max_sub_instructions: int | None = None,
     ) -> None:
         super().__init__()
         self.path = Path(path)
@@ -51,6 +88,18 @@ class EpisodeDataModule(L.LightningDataModule):
         self.feature_path: Path | None = None
         # offline RL policies need reward, done and next_obs (set by train.py from the policy class)
         self.transitions = False
+        # SPRINT-style instruction relabeling from the episodes' sub-skill segments (toolkit.datamodules.relabel)
+        self.relabel = list(relabel or [])
+        self.relabel_keep_original, self.relabel_max_segments = relabel_keep_original, relabel_max_segments
+        self.summarizer = summarizer
+        self.chain_per_segment, self.chain_tolerance, self.chain_seed = chain_per_segment, chain_tolerance, chain_seed
+        # a LanguageEncoder: batches carry `lang`, each span's instruction embedded once (set by train.py)
+        self.language = None
+        # zero-shot protocol: episodes of these missions, or of more clauses, are left out of training
+        self.holdout_instructions = set(holdout_instructions or [])
+        self.max_sub_instructions = max_sub_instructions
+        # what training saw (missions, clauses, longest chain), for toolkit.zero_shot; None without instructions
+        self.instruction_summary: dict | None = None
         self.train_set: WindowDataset | None = None
 
     def _keys(self, f) -> list[str]:
@@ -70,8 +119,9 @@ class EpisodeDataModule(L.LightningDataModule):
             if not names:
                 raise ToolkitError(f"{self.path} holds no episodes")
             used = set(names[: self.num_demos])
-            train = [n for n in read_split(f, "train") if n in used]
-            valid = [n for n in read_split(f, "valid") if n in used]
+            train = [n for n in read_split(f, "train") if n in used and self._kept(f, n)]
+            valid = [n for n in read_split(f, "valid") if n in used and self._kept(f, n)]
+            self.instruction_summary = instruction_summary(f, train)
             first_obs = f["data"][names[0]]["obs"]
             keys = self._keys(f)
             self.video = any(VIDEO_ATTR in first_obs[k].attrs for k in keys if k.startswith("rgb"))
@@ -89,10 +139,64 @@ class EpisodeDataModule(L.LightningDataModule):
         self.train_set = self._windows(train, keys)
         self.valid_set = self._windows(valid, keys) if valid else None
 
+    def _kept(self, f, name: str) -> bool:
+        """False for episodes held out of training (``holdout_instructions``, ``max_sub_instructions``)."""
+        if not self.holdout_instructions and self.max_sub_instructions is None:
+            return True
+        attrs = f["data"][name].attrs
+        if str(attrs.get("instruction")) in self.holdout_instructions:
+            return False
+        return self.max_sub_instructions is None or len(episode_clauses(attrs)) <= self.max_sub_instructions
+
+    def has_instructions(self) -> bool:
+        """Whether the file's first episode has an ``instruction`` attribute."""
+        with open_episode_file(self.path) as f:
+            names = episode_names(f)
+            return bool(names) and "instruction" in f["data"][names[0]].attrs
+
+    def _spans(self, episodes: list[str]) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
+        """The training spans (whole episodes, plus relabeled ones), their distinct instructions and, with a
+        language encoder, the embedding of each."""
+        if not self.relabel and self.language is None:
+            return None, None, []
+        if "chain" in self.relabel and not self.transitions:
+            raise ToolkitError("data.relabel=[chain] bootstraps rewards from a critic: it needs an offline RL policy "
+                               "(policy=iql); use primitive/aggregate for behaviour cloning")
+        spans, chainable, first_states, end_states = [], [], [], []
+        with open_episode_file(self.path) as f:
+            for i, name in enumerate(episodes):
+                attrs = f["data"][name].attrs
+                where = f"{self.path}: episode {name}"
+                segments = read_segments(attrs, where) if self.relabel else []
+                instruction = attrs.get("instruction")
+                spans += episode_spans(i, episode_length(f, name), None if instruction is None else str(instruction),
+                                       segments, [m for m in self.relabel if m != "chain"], self.relabel_keep_original,
+                                       self.relabel_max_segments, self.summarizer)
+                if "chain" in self.relabel and segments:
+                    state = f["data"][name]["obs/state"][()]
+                    for s in segments:
+                        chainable.append((i, s))
+                        first_states.append(state[s["start"]])
+                        end_states.append(state[min(s["end"] + 1, len(state) - 1)])  # the state its last action led to
+        if chainable:
+            spans += chain_spans(chainable, np.stack(first_states), np.stack(end_states),
+                                 np.random.default_rng(self.chain_seed), self.chain_per_segment, self.chain_tolerance,
+                                 self.summarizer)
+        instructions = list(dict.fromkeys([*(s.instruction for s in spans if s.instruction),
+                                           *(s.bootstrap for s in spans if s.bootstrap)]))
+        lang = self.language.encode(instructions).numpy() if self.language is not None and instructions else None
+        return spans_array(spans, instructions), lang, instructions
+
     def _windows(self, episodes: list[str], keys: list[str]) -> WindowDataset:
         chunked = self.video and self.video_chunk_episodes > 0 and not self.feature_path
-        return WindowDataset(self.path, episodes, keys, self.history, self.horizon, self.feature_path, self.transitions,
-                             self.video_backend, decoded_episodes=2 * self.video_chunk_episodes if chunked else 0)
+        spans, lang, instructions = self._spans(episodes)
+        if self.language is not None and lang is None:
+            raise ToolkitError(f"{self.path}: the policy is language-conditioned but the episodes have no instructions")
+        dataset = WindowDataset(self.path, episodes, keys, self.history, self.horizon, self.feature_path,
+                                self.transitions, self.video_backend,
+                                decoded_episodes=2 * self.video_chunk_episodes if chunked else 0, spans=spans, lang=lang)
+        dataset.instructions = instructions  # index i: the instruction of spans with instruction index i
+        return dataset
 
     def refresh(self) -> None:
         """Re-read the file's episode list after episodes were appended (DAgger): from now on every
@@ -103,8 +207,8 @@ class EpisodeDataModule(L.LightningDataModule):
         self.num_demos = None
         with open_episode_file(self.path) as f:
             names = set(episode_names(f))
-            train = [n for n in read_split(f, "train") if n in names]
-            valid = [n for n in read_split(f, "valid") if n in names]
+            train = [n for n in read_split(f, "train") if n in names and self._kept(f, n)]
+            valid = [n for n in read_split(f, "valid") if n in names and self._kept(f, n)]
         keys = self.train_set.obs_keys
         self.train_set = self._windows(train, keys)
         self.valid_set = self._windows(valid, keys) if valid else None

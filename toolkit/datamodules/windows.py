@@ -50,11 +50,19 @@ class WindowDataset(Dataset):
     per-process cache of open decoders; with ``decoded_episodes > 0`` whole episodes are decoded at once
     (in order, at the decoder's full speed) and the last ``decoded_episodes`` are kept, so that windows
     drawn a few episodes at a time (``EpisodeChunkSampler``) cost no decoding of their own.
+
+    ``spans`` (``[S, 6]``: episode index, start, stop, instruction index, relabeled, bootstrap instruction
+    index; see ``toolkit.datamodules.relabel``) makes samples of parts of episodes instead of whole ones:
+    windows are clamped and padded at a span's edges, and a relabeled span is rewarded 1 and done on its
+    last step. With ``lang`` (``[U, Dl]``, one embedding per instruction index) a sample has its span's
+    ``lang``; with transitions, a chained span's last step also has ``bootstrap`` = 1 and
+    ``bootstrap_lang``, the instruction whose value replaces its reward (other samples: 0 and zeros).
     """
 
     def __init__(self, path: str | Path, episodes: list[str], obs_keys: list[str], history: int, horizon: int,
                  feature_path: str | Path | None = None, transitions: bool = False,
-                 video_backend: str = "decord", decoded_episodes: int = 0) -> None:
+                 video_backend: str = "decord", decoded_episodes: int = 0, spans: np.ndarray | None = None,
+                 lang: np.ndarray | None = None) -> None:
         self.path, self.obs_keys = Path(path), list(obs_keys)
         self.history, self.horizon = history, horizon
         self.feature_path = Path(feature_path) if feature_path else None
@@ -72,11 +80,26 @@ class WindowDataset(Dataset):
                     raise ToolkitError(f"{self.path}: episode {name} has no obs key(s) {missing} "
                                    f"(it has {sorted(f['data'][name]['obs'])}); check data.obs_keys")
         self.episodes = list(episodes)
-        # (episode, step) of every sample, as two flat arrays; offset of each episode in the low-dim arrays.
-        self.ep_of = np.repeat(np.arange(len(episodes)), self.lengths)
-        self.t_of = np.concatenate([np.arange(n) for n in self.lengths]) if episodes else np.zeros(0, int)
         self._length = np.asarray(self.lengths, dtype=np.int64)
-        self._offset = np.concatenate([[0], np.cumsum(self._length)[:-1]]).astype(np.int64)
+        self._offset = np.concatenate([[0], np.cumsum(self._length)[:-1]]).astype(np.int64)  # in the low-dim arrays
+        if spans is None:  # one span per whole episode
+            none = np.full(len(episodes), -1)
+            spans = np.stack([np.arange(len(episodes)), 0 * self._length, self._length, none, 0 * self._length, none],
+                             1) if episodes else np.zeros((0, 6), int)
+        self.spans = np.asarray(spans, dtype=np.int64).reshape(-1, 6)
+        bad = (self.spans[:, 1] < 0) | (self.spans[:, 2] > self._length[self.spans[:, 0]]) | (self.spans[:, 1] >= self.spans[:, 2])
+        if bad.any():
+            raise ToolkitError(f"{self.path}: span {self.spans[bad][0].tolist()} is not inside its episode")
+        self.lang = None if lang is None else np.asarray(lang, dtype=np.float32)
+        if self.lang is not None and (self.spans[:, 3] < 0).any():
+            e = self.episodes[int(self.spans[self.spans[:, 3] < 0][0, 0])]
+            raise ToolkitError(f"{self.path}: episode {e} has no instruction, but the policy is language-conditioned")
+        # span, episode and step of every sample, as flat arrays
+        sizes = self.spans[:, 2] - self.spans[:, 1]
+        self.span_of = np.repeat(np.arange(len(self.spans)), sizes)
+        self.ep_of = self.spans[self.span_of, 0]
+        self.t_of = (np.concatenate([np.arange(a, b) for a, b in self.spans[:, 1:3]]) if len(self.spans)
+                     else np.zeros(0, np.int64))
         self._file = self._features = None
         self._low: dict[str, np.ndarray] | None = None
         self._frames: dict[tuple[int, str], object] = {}
@@ -107,45 +130,55 @@ class WindowDataset(Dataset):
     def get_batch(self, indices: np.ndarray) -> dict:
         """The windows at ``indices`` as one batch (every array with leading dim ``len(indices)``)."""
         self._open()
-        e, t = self.ep_of[indices], self.t_of[indices]
-        length, offset = self._length[e][:, None], self._offset[e][:, None]
+        span = self.spans[self.span_of[indices]]
+        e, t = span[:, 0], self.t_of[indices]
+        first, last, offset = span[:, 1:2], span[:, 2:3] - 1, self._offset[e][:, None]
         back = np.arange(1 - self.history, 1)
         obs_raw, act_raw = t[:, None] + back, t[:, None] + np.arange(self.horizon)
-        obs_idx, act_idx = np.clip(obs_raw, 0, length - 1), np.minimum(act_raw, length - 1)
-        next_raw = np.minimum(t + 1, length[:, 0] - 1)[:, None] + back
-        next_idx = np.clip(next_raw, 0, length - 1)
+        obs_idx, act_idx = np.clip(obs_raw, first, last), np.minimum(act_raw, last)
+        next_raw = np.minimum(t + 1, last[:, 0])[:, None] + back
+        next_idx = np.clip(next_raw, first, last)
         # Frames: one contiguous span per window (and its next window), read once.
         start, stop = obs_idx[:, 0], (next_idx if self.transitions else obs_idx)[:, -1] + 1
-        spans = {k: [self._span(int(ep), k, int(a), int(b)) for ep, a, b in zip(e, start, stop)]
-                 for k in self.image_keys}
+        frames = {k: [self._frames_of(int(ep), k, int(a), int(b)) for ep, a, b in zip(e, start, stop)]
+                  for k in self.image_keys}
         low = self._low
         batch = {
-            "obs": self._obs(offset, obs_idx, spans, start),
+            "obs": self._obs(offset, obs_idx, frames, start),
             "obs_is_pad": torch.from_numpy(obs_raw != obs_idx),
             "action": torch.from_numpy(low["actions"][offset + act_idx]),
             "action_is_pad": torch.from_numpy(act_raw != act_idx),
         }
+        if self.lang is not None:
+            batch["lang"] = torch.from_numpy(self.lang[span[:, 3]])
         if self.transitions:
-            batch["next_obs"] = self._obs(offset, next_idx, spans, start)
+            batch["next_obs"] = self._obs(offset, next_idx, frames, start)
             batch["next_obs_is_pad"] = torch.from_numpy(next_raw != next_idx)
-            batch["reward"] = torch.from_numpy(low["rewards"][offset[:, 0] + t])
-            batch["done"] = torch.from_numpy(low["dones"][offset[:, 0] + t])
+            relabeled, at_end = span[:, 4].astype(bool), (t == last[:, 0]).astype(np.float32)
+            batch["reward"] = torch.from_numpy(np.where(relabeled, at_end, low["rewards"][offset[:, 0] + t]))
+            batch["done"] = torch.from_numpy(np.where(relabeled, at_end, low["dones"][offset[:, 0] + t]))
+            if self.lang is not None and (self.spans[:, 5] >= 0).any():
+                chained = span[:, 5] >= 0
+                batch["bootstrap"] = torch.from_numpy(chained & (at_end > 0))
+                batch["bootstrap_lang"] = torch.from_numpy(np.where(chained[:, None], self.lang[span[:, 5]], 0.0)
+                                                           .astype(np.float32))
         return batch
 
-    def _obs(self, offset: np.ndarray, idx: np.ndarray, spans: dict[str, list[np.ndarray]], start: np.ndarray) -> dict:
-        """Observations at step indices ``idx`` [B, T]; ``spans[key][b]`` holds window b's frames from ``start[b]``."""
+    def _obs(self, offset: np.ndarray, idx: np.ndarray, frames: dict[str, list[np.ndarray]], start: np.ndarray) -> dict:
+        """Observations at step indices ``idx`` [B, T]; ``frames[key][b]`` holds window b's frames from ``start[b]``."""
         obs = {k: torch.from_numpy(self._low[f"obs/{k}"][offset + idx]) for k in self.low_dim_keys}
         features = self._features is not None
-        for k, frames in spans.items():
-            shape = frames[0].shape[1:] if features else (frames[0].shape[3], *frames[0].shape[1:3])  # HWC -> CHW
+        for k, per_window in frames.items():
+            first = per_window[0]
+            shape = first.shape[1:] if features else (first.shape[3], *first.shape[1:3])  # HWC -> CHW
             out = np.empty((*idx.shape, *shape), dtype=np.float32 if features else np.uint8)
-            for b, (span, a) in enumerate(zip(frames, start)):
-                window = span[idx[b] - a]
+            for b, (read, a) in enumerate(zip(per_window, start)):
+                window = read[idx[b] - a]
                 out[b] = window if features else window.transpose(0, 3, 1, 2)
             obs[f"{k}_features" if features else k] = torch.from_numpy(out)
         return obs
 
-    def _span(self, e: int, key: str, start: int, stop: int) -> np.ndarray:
+    def _frames_of(self, e: int, key: str, start: int, stop: int) -> np.ndarray:
         """Frames (or, with a feature cache, features) ``start:stop`` of episode ``e``'s camera ``key``."""
         dataset = self._frames.get((e, key))  # h5py lookups by name cost more than the read itself
         if dataset is None:

@@ -142,7 +142,9 @@ class MiniLMEncoder(LanguageEncoder):
 
     def _load_model(self) -> None:
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a bar per load of a 22M-parameter model is noise
         self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True)
         self._model = AutoModel.from_pretrained(str(self.model_path), local_files_only=True).to(self.device).eval()
 

@@ -39,6 +39,20 @@ def level_id(level: str) -> str:
     raise ToolkitError(f"env.level={level!r} is not a BabyAI level.{hint} Available: {', '.join(sorted(short))}")
 
 
+def _leaves(instr, flag=None) -> list[tuple[Any, Any]]:
+    """The action clauses of a mission's instruction tree, each with a function telling whether it is done.
+
+    minigrid's verifier keeps the state in the sequencing nodes (``BeforeInstr``/``AfterInstr``/``AndInstr``:
+    ``a_done``/``b_done`` become "success" when that side is done); a lone clause is done when the
+    mission is. Returned in the mission's textual order."""
+    from minigrid.envs.babyai.core.verifier import SeqInstr
+
+    if isinstance(instr, SeqInstr):
+        return (_leaves(instr.instr_a, lambda: instr.a_done == "success")
+                + _leaves(instr.instr_b, lambda: instr.b_done == "success"))
+    return [(instr, flag)]
+
+
 @contextlib.contextmanager
 def _quiet_level_generation():
     """Level generation prints one "Sampling rejected: ..." line per rejected layout; drop those and
@@ -91,6 +105,9 @@ class BabyAIEnv(RobotEnv):
         self._failed = False
         self._mission: str | None = None
         self._raw_obs: dict[str, Any] | None = None
+        self._clauses: list[tuple[Any, Any]] = []
+        self._segments: list[dict[str, Any]] = []
+        self._clause_done: list[bool] = []
 
         self.action_space = gym.spaces.Discrete(self._env.action_space.n)
         spaces = {
@@ -141,6 +158,8 @@ class BabyAIEnv(RobotEnv):
         self._bot = BabyAIBot(self._env)  # parses the freshly generated mission
         self._expert_cache, self._expert_used, self._bot_gave_up = None, False, False
         self._last_action, self._failed = None, False
+        self._clauses = _leaves(self._env.instrs)
+        self._clause_done, self._segments = [False] * len(self._clauses), []
         return self._obs()
 
     def _step(self, action: np.ndarray):
@@ -154,7 +173,30 @@ class BabyAIEnv(RobotEnv):
         # *Debug levels: a wrong object picked up, a wrong door opened).
         success = bool(terminated and reward > 0)
         self._failed = bool(terminated and not success)
+        self._record_segments(success)
         return self._obs(), float(reward), success, {}
+
+    def _record_segments(self, success: bool) -> None:
+        """Close a segment at this step for every clause the verifier now counts as done."""
+        done_now = [i for i, (_, flag) in enumerate(self._clauses)
+                    if not self._clause_done[i] and (success if flag is None else flag())]
+        if not done_now:
+            return
+        for i in done_now:
+            self._clause_done[i] = True
+        # clauses completed by the same action share one segment ("a and b")
+        text = " and ".join(self._clauses[i][0].surface(self._env) for i in done_now)
+        start = self._segments[-1]["end"] + 1 if self._segments else 0
+        self._segments.append({"start": start, "end": self._t, "instruction": text})
+
+    def segments(self) -> list[dict[str, Any]]:
+        """Segments of the episode so far: one per completed clause of the mission, in completion order
+        (``end``: the step whose action completed it, by the level's own verifier)."""
+        return [dict(s) for s in self._segments]
+
+    def sub_instructions(self) -> list[str]:
+        """The mission's clauses in textual order, e.g. ["go to the red ball", "open the door"]."""
+        return [clause.surface(self._env) for clause, _ in self._clauses]
 
     def step(self, action):
         obs, reward, terminated, truncated, info = super().step(action)

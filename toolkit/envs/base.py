@@ -50,6 +50,16 @@ class RobotEnv(gym.Env):
         Collection stores it as the episode's ``instruction`` attribute."""
         return None
 
+    def segments(self) -> list[dict[str, Any]] | None:
+        """Sub-skill segments of the episode so far (``{"start", "end", "instruction"}``, ``end`` the step
+        whose action completed the sub-instruction); None where the task has no sub-instructions.
+        Collection stores them as the episode's ``segments`` attribute (used by relabeling)."""
+        return None
+
+    def sub_instructions(self) -> list[str] | None:
+        """The current mission's sub-instructions, in the mission's order; None where it has none."""
+        return None
+
     def env_args(self) -> dict[str, Any]:
         """What is needed to re-create this env, stored in the episode file (robomimic's env_args)."""
         return {"env_name": type(self).__name__, "type": "toolkit", "env_kwargs": {}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,19 +11,24 @@ import lightning as L
 import numpy as np
 from omegaconf import DictConfig
 
-from toolkit.envs.vector import reset_some
+from toolkit.envs.vector import reset_some, update_instructions
 
 
-def run_rollouts(policy: Any, envs, num_episodes: int, seed: int, video_episodes: int = 0) -> dict[str, Any]:
+def run_rollouts(policy: Any, envs, num_episodes: int, seed: int | Sequence[int], video_episodes: int = 0) -> dict[str, Any]:
     """Run ``num_episodes`` episodes of ``policy`` (anything with ``reset(mask)``/``act(obs)``).
 
-    Episode ``k`` is reset with seed ``seed + k``, so every evaluation sees the same configurations.
-    Returns per-episode ``success``, ``return``, ``length``, the frames of the first ``video_episodes``
+    Episode ``k`` is reset with seed ``seed + k`` (or ``seed[k]`` for a list of seeds), so every evaluation
+    sees the same configurations.
+    The policy sees each env's ``instruction()`` as ``obs["instruction"]``. Returns per-episode
+    ``success``, ``return``, ``length``, ``instruction``, the frames of the first ``video_episodes``
     episodes, and the env steps/s.
     """
     n = envs.num_envs
+    seed_of = (lambda k: seed + k) if isinstance(seed, int) else (lambda k: int(seed[k]))
     camera_key = next((k for k in envs.single_observation_space.spaces if k.startswith("rgb")), None)
-    results = {"success": np.zeros(num_episodes, bool), "return": np.zeros(num_episodes), "length": np.zeros(num_episodes, int)}
+    results = {"success": np.zeros(num_episodes, bool), "return": np.zeros(num_episodes), "length": np.zeros(num_episodes, int),
+               "instruction": np.full(num_episodes, None, dtype=object)}
+    instructions = np.full(n, None, dtype=object)
     frames: dict[int, list[np.ndarray]] = {k: [] for k in range(video_episodes)}
     episode_of = np.full(n, -1)
     next_episode, steps, t0 = 0, 0, time.perf_counter()
@@ -33,7 +39,10 @@ def run_rollouts(policy: Any, envs, num_episodes: int, seed: int, video_episodes
         episode_of[mask] = episodes
         next_episode += len(episodes)
         policy.reset(mask)
-        return reset_some(envs, mask, [seed + int(k) for k in episodes], obs)
+        obs = reset_some(envs, mask, [seed_of(int(k)) for k in episodes], obs)
+        update_instructions(envs, mask, instructions)
+        results["instruction"][episodes] = instructions[mask]
+        return obs
 
     first = np.arange(n) < min(n, num_episodes)
     policy.reset()
@@ -43,7 +52,7 @@ def run_rollouts(policy: Any, envs, num_episodes: int, seed: int, video_episodes
         for i in np.flatnonzero(active):
             if episode_of[i] in frames and camera_key:
                 frames[episode_of[i]].append(obs[camera_key][i])
-        obs, reward, terminated, truncated, info = envs.step(policy.act(obs))
+        obs, reward, terminated, truncated, info = envs.step(policy.act({**obs, "instruction": instructions}))
         steps += int(active.sum())
         for i in np.flatnonzero(active):
             k = episode_of[i]

@@ -17,12 +17,14 @@ def make_env(env_cfg: dict[str, Any]) -> gym.Env:
     return instantiate(env_cfg)
 
 
-def check_env(env_cfg: DictConfig | dict) -> None:
+def check_env(env_cfg: DictConfig | dict) -> gym.Space:
     """Build and close one env in this process, so a bad env config fails here with its message
-    instead of inside a vector env's worker."""
+    instead of inside a vector env's worker. Returns its action space."""
     if isinstance(env_cfg, DictConfig):
         env_cfg = OmegaConf.to_container(env_cfg, resolve=True)
-    make_env(env_cfg).close()
+    env = make_env(env_cfg)
+    env.close()
+    return env.action_space
 
 
 def make_vector_env(env_cfg: DictConfig | dict, num_envs: int) -> gym.vector.VectorEnv:
@@ -48,3 +50,12 @@ def reset_some(envs: gym.vector.VectorEnv, mask: np.ndarray, seeds: list[int],
     if obs is None:
         return reset_obs
     return {k: np.where(mask.reshape(-1, *[1] * (v.ndim - 1)), reset_obs[k], v) for k, v in obs.items()}
+
+
+def update_instructions(envs: gym.vector.VectorEnv, mask: np.ndarray, instructions: np.ndarray) -> None:
+    """After resetting the envs in ``mask``: their new episodes' ``instruction()`` into ``instructions``
+    (an object array, one entry per env; None where the env has no instructions)."""
+    if mask.any():
+        current = envs.call("instruction")
+        for i in np.flatnonzero(mask):
+            instructions[i] = current[i]

@@ -70,6 +70,12 @@ class PolicyModule(L.LightningModule):
         self._hist: dict[str, torch.Tensor] | None = None
         self._seen: torch.Tensor | None = None
         self.toolkit_cfg: dict | None = None  # the run's resolved config, stored in checkpoints
+        # Embeds rollout instructions for a language-conditioned policy (set by train.py / load_policy). Not a
+        # submodule: its frozen weights stay out of checkpoints, which name it in toolkit_cfg["language"].
+        self.language = None
+        # missions / clauses / longest chain of the training episodes (language-conditioned policies), kept in
+        # checkpoints for zero-shot evaluation (toolkit.zero_shot)
+        self.trained_instructions: dict | None = None
 
     # --- to implement ---------------------------------------------------------------------------
     def predict(self, obs: dict[str, torch.Tensor], obs_is_pad: torch.Tensor) -> torch.Tensor:
@@ -131,6 +137,7 @@ class PolicyModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["toolkit_cfg"] = self.toolkit_cfg
+        checkpoint["trained_instructions"] = self.trained_instructions
 
     # --- rollouts -------------------------------------------------------------------------------
     def reset(self, mask: np.ndarray | None = None) -> None:
@@ -141,8 +148,11 @@ class PolicyModule(L.LightningModule):
             self._seen[torch.as_tensor(mask, dtype=torch.bool)] = 0
 
     @torch.no_grad()
-    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        """Actions ``[E, A]`` for the current observations of E envs (batched over envs)."""
+    def act(self, obs: dict[str, Any]) -> np.ndarray:
+        """Actions ``[E, A]`` for the current observations of E envs (batched over envs). A
+        language-conditioned policy also takes ``obs["instruction"]`` (one string per env) or
+        ``obs["lang"]`` (embeddings ``[E, Dl]``)."""
+        lang = self._instruction_embedding(obs)
         x = {k: torch.as_tensor(np.asarray(obs[k]), device=self.device) for k in [*self.rgb_keys, "state"]}
         for k in self.rgb_keys:
             x[k] = x[k].permute(0, 3, 1, 2)  # HWC -> CHW
@@ -161,12 +171,29 @@ class PolicyModule(L.LightningModule):
         is_pad = torch.arange(self.history, device=self.device)[None] < (self.history - self._seen[:, None])
         was_training = self.training
         self.eval()
-        predicted = self.predict(self._hist, is_pad)[:, 0]
+        predicted = self.predict(self._hist if lang is None else {**self._hist, "lang": lang}, is_pad)[:, 0]
         self.train(was_training)
         if getattr(self, "discrete", False):  # action indices [E, 1], as stored in episode files
             return predicted.cpu().numpy()
         action = self.action_norm.unnormalize(predicted)
         return torch.maximum(torch.minimum(action, self.action_high), self.action_low).cpu().numpy()
+
+
+    @property
+    def language_conditioned(self) -> bool:
+        return self.hparams.get("lang_dim") is not None
+
+    def _instruction_embedding(self, obs: dict[str, Any]) -> torch.Tensor | None:
+        if not self.language_conditioned:
+            return None
+        if "lang" in obs:
+            return torch.as_tensor(np.asarray(obs["lang"]), dtype=torch.float32, device=self.device)
+        if "instruction" not in obs:
+            raise ValueError("this policy is language-conditioned: act() needs obs['instruction'] (one string per env)")
+        if self.language is None:
+            raise ValueError("this policy is language-conditioned but has no language encoder: set policy.language "
+                             "(load_policy() does it from the checkpoint's config)")
+        return self.language.encode([str(i) for i in obs["instruction"]]).to(self.device)
 
 
 def load_policy(path: str | Path, device: str = "cpu") -> PolicyModule:
@@ -179,4 +206,7 @@ def load_policy(path: str | Path, device: str = "cpu") -> PolicyModule:
                          shape_meta=hp["shape_meta"], stats=hp["stats"], _convert_="all")
     policy.load_state_dict(ckpt["state_dict"])
     policy.toolkit_cfg = cfg
+    policy.trained_instructions = ckpt.get("trained_instructions")
+    if policy.language_conditioned:
+        policy.language = instantiate(cfg["language"])
     return policy.to(device).eval()

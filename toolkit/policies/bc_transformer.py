@@ -2,7 +2,9 @@
 
 The observation trunk (``toolkit.policies.trunk.ObsTrunk``) turns each step of the window into image
 tokens (per camera), a state token, an optional instruction token and a readout token, with
-block-causal attention over time; the last step's readout predicts the next H actions.
+block-causal attention over time; the last step's readout predicts the next H actions: continuous ones
+regressed (MSE or L1 on normalized actions), or discrete ones (``action_type=discrete``, indices in
+``action[..., 0]``) as H categorical distributions trained by cross-entropy.
 """
 
 from __future__ import annotations
@@ -25,25 +27,41 @@ class BCTransformer(PolicyModule):
         loss: str = "mse",
         lang_dim: int | None = None,
         trunk: str = "transformer",
+        action_type: str = "continuous",
+        num_actions: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         if loss not in ("mse", "l1"):
             raise ValueError(f"policy.loss must be 'mse' or 'l1', got {loss!r}")
+        if action_type not in ("continuous", "discrete"):
+            raise ValueError(f"policy.action_type must be 'continuous' or 'discrete', got {action_type!r}")
+        if action_type == "discrete" and not num_actions:
+            raise ValueError("policy.action_type=discrete needs policy.num_actions")
+        self.discrete = action_type == "discrete"
         self.loss_fn = nn.functional.mse_loss if loss == "mse" else nn.functional.l1_loss
         self.trunk = make_trunk(trunk, len(self.rgb_keys) * self.encoder.num_tokens, self.encoder.out_dim,
                                 self.state_dim, self.history, d_model, num_layers, num_heads, dropout, lang_dim)
+        self.out_per_step = num_actions if self.discrete else self.action_dim
         self.head = nn.Sequential(nn.Linear(self.trunk.out_dim, d_model), nn.GELU(),
-                                  nn.Linear(d_model, self.horizon * self.action_dim))
+                                  nn.Linear(d_model, self.horizon * self.out_per_step))
+
+    def forward_head(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Normalized actions ``[B, H, A]``, or logits ``[B, H, num_actions]`` when discrete."""
+        z = self.trunk(self.encode_images(obs), self.state_norm.normalize(obs["state"]), obs.get("lang"))
+        return self.head(z).view(len(z), self.horizon, self.out_per_step)
 
     def predict(self, obs: dict[str, torch.Tensor], obs_is_pad: torch.Tensor) -> torch.Tensor:
-        z = self.trunk(self.encode_images(obs), self.state_norm.normalize(obs["state"]), obs.get("lang"))
-        return self.head(z).view(len(z), self.horizon, self.action_dim)
+        out = self.forward_head(obs)
+        return out.argmax(-1, keepdim=True).float() if self.discrete else out
 
     def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
         obs = {**batch["obs"], "lang": batch["lang"]} if "lang" in batch else batch["obs"]
-        pred = self.predict(obs, batch["obs_is_pad"])
-        target = self.action_norm.normalize(batch["action"])
-        per_step = self.loss_fn(pred, target, reduction="none").mean(-1)
+        out = self.forward_head(obs)
+        if self.discrete:
+            target = batch["action"][..., 0].long()
+            per_step = nn.functional.cross_entropy(out.flatten(0, 1), target.flatten(), reduction="none").view_as(target)
+        else:
+            per_step = self.loss_fn(out, self.action_norm.normalize(batch["action"]), reduction="none").mean(-1)
         valid = (~batch["action_is_pad"]).float()
         return {"loss": (per_step * valid).sum() / valid.sum().clamp_min(1.0)}

@@ -21,6 +21,7 @@ continues on a new train dataloader over the aggregate (see ``_reload_dataloader
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -80,17 +81,19 @@ def mixture_rollouts(policy: Any, envs, seeds: list[int], beta: float, rng: np.r
     """One episode per seed: per step and env, execute the expert's action with probability ``beta``, the
     policy's otherwise; record every visited state with the expert's action as its label.
 
-    Yields ``(episode: GDict, success: bool, seed: int, expert_steps: int)`` as episodes finish (so the caller
-    can write each at once). ``policy`` has ``reset(mask)``/``act(obs)``.
+    Yields ``(episode: GDict, success: bool, seed: int, expert_steps: int, instruction: str | None,
+    segments: list | None)`` as
+    episodes finish (so the caller can write each at once). ``policy`` has ``reset(mask)``/``act(obs)``.
     """
     from gdict import GDict
-    from toolkit.envs.vector import reset_some
+    from toolkit.envs.vector import reset_some, update_instructions
 
     n = envs.num_envs
     steps: list[list[dict]] = [[] for _ in range(n)]
     seed_of = np.full(n, -1)
     expert_steps = np.zeros(n, int)
     success = np.zeros(n, bool)
+    instructions = np.full(n, None, dtype=object)
     next_k = 0
 
     def start(mask: np.ndarray, obs: dict | None) -> dict:
@@ -101,14 +104,16 @@ def mixture_rollouts(policy: Any, envs, seeds: list[int], beta: float, rng: np.r
         expert_steps[mask] = 0
         success[mask] = False
         policy.reset(mask)
-        return reset_some(envs, mask, chosen, obs)
+        obs = reset_some(envs, mask, chosen, obs)
+        update_instructions(envs, mask, instructions)
+        return obs
 
     active = np.arange(n) < min(n, len(seeds))
     policy.reset()
     obs = start(active, None)
     while active.any():
         labels = np.stack(envs.call("expert_action")).astype(np.float32)
-        learner = np.asarray(policy.act(obs), dtype=np.float32)
+        learner = np.asarray(policy.act({**obs, "instruction": instructions}), dtype=np.float32)
         use_expert = rng.random(n) < beta
         executed = np.where(use_expert[:, None], labels, learner)
         next_obs, rewards, terminated, truncated, info = envs.step(executed)
@@ -118,11 +123,12 @@ def mixture_rollouts(policy: Any, envs, seeds: list[int], beta: float, rng: np.r
             expert_steps[i] += int(use_expert[i])
             success[i] |= bool(info["success"][i])
         ended = active & (terminated | truncated)
+        segments = envs.call("segments") if ended.any() else None
         for i in np.flatnonzero(ended):
             episode = GDict.stack(steps[i])
             episode["dones"][-1] = 1
             steps[i] = []
-            yield episode, bool(success[i]), int(seed_of[i]), int(expert_steps[i])
+            yield episode, bool(success[i]), int(seed_of[i]), int(expert_steps[i]), instructions[i], segments[i]
         restart = ended & (np.cumsum(ended) <= len(seeds) - next_k)
         active &= ~(ended & ~restart)
         obs = start(restart, next_obs) if restart.any() else next_obs
@@ -242,8 +248,14 @@ class DAggerCallback(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            for episode, success, seed, n_expert in mixture_rollouts(pl_module, self._envs, seeds, beta, rng) if seeds else []:
-                writer.append(episode, {"success": success, "seed": seed, "source": f"{SOURCE_PREFIX}{iteration}"})
+            for episode, success, seed, n_expert, instruction, segments in (
+                    mixture_rollouts(pl_module, self._envs, seeds, beta, rng) if seeds else []):
+                attrs = {"success": success, "seed": seed, "source": f"{SOURCE_PREFIX}{iteration}"}
+                if instruction is not None:
+                    attrs["instruction"] = instruction
+                if segments is not None:
+                    attrs["segments"] = json.dumps(segments)
+                writer.append(episode, attrs)
                 labels += len(episode)
                 expert_steps += n_expert
                 successes.append(success)

@@ -6,6 +6,8 @@ Losses (all computed in ``compute_loss``, top to bottom, on the batch's step t =
   value  : expectile regression of V(s) towards min(Q1', Q2')(s, a)            (expectile 0.7)
   critic : MSE of Q_i(s, a) towards r + gamma * (1 - done) * V(s')             (gamma 0.99)
   actor  : advantage-weighted regression, weights exp(beta * (minQ'(s,a) - V(s))) clipped at 100 (beta 3)
+  chains : on a SPRINT cross-trajectory chain's last step (``batch["bootstrap"]``) the reward is V(s', z2),
+           the value of the chained second instruction ``batch["bootstrap_lang"]`` at the state reached
 The three losses are summed and back-propagated once; ``detach`` decides which loss reaches which
 network (as CORL's IQL, every loss uses the pre-update V and target Q), so one Adam with two parameter
 groups replaces separate optimizers: the critic group (V, Q, and by default encoder + trunk) keeps a
@@ -173,6 +175,9 @@ class IQLPolicy(PolicyModule):
         with torch.no_grad():
             v_next = self.value(self.features(batch["next_obs"], lang))[:, 0]
             q_target = torch.minimum(*self.q_values(z.detach(), action, target=True))
+            if "bootstrap" in batch and batch["bootstrap"].any():  # chained: r = V(s', second instruction)
+                v_chain = self.value(self.features(batch["next_obs"], batch["bootstrap_lang"]))[:, 0]
+                reward = torch.where(batch["bootstrap"], v_chain, reward)
 
         # value: expectile regression of V(s) towards min target Q(s, a)
         v = self.value(z_critic)[:, 0]
