@@ -52,10 +52,10 @@ def test_segments_end_where_the_levels_verifier_completes_each_clause(seq_file):
             ends, done_before = {}, [False] * len(leaves)
             for t, a in enumerate(actions):
                 _, _, terminated, _, info = env.step(a)
-                for i, (clause, flag) in enumerate(leaves):
+                for i, (_, flag) in enumerate(leaves):
                     done = (terminated and info["success"]) if flag is None else flag()
                     if done and not done_before[i]:
-                        ends.setdefault(t, []).append(clause.surface(env._env))
+                        ends.setdefault(t, []).append(env.sub_instructions()[i])
                     done_before[i] = done
             assert [s["end"] for s in segments] == sorted(ends)
             assert [s["instruction"] for s in segments] == [" and ".join(ends[t]) for t in sorted(ends)]

@@ -108,6 +108,7 @@ class BabyAIEnv(RobotEnv):
         self._clauses: list[tuple[Any, Any]] = []
         self._segments: list[dict[str, Any]] = []
         self._clause_done: list[bool] = []
+        self._clause_text: list[str] = []
 
         self.action_space = gym.spaces.Discrete(self._env.action_space.n)
         spaces = {
@@ -159,6 +160,8 @@ class BabyAIEnv(RobotEnv):
         self._expert_cache, self._expert_used, self._bot_gave_up = None, False, False
         self._last_action, self._failed = None, False
         self._clauses = _leaves(self._env.instrs)
+        # read now: surface() matches objects against the current grid, and a picked-up object is not on it
+        self._clause_text = [clause.surface(self._env) for clause, _ in self._clauses]
         self._clause_done, self._segments = [False] * len(self._clauses), []
         return self._obs()
 
@@ -185,7 +188,7 @@ class BabyAIEnv(RobotEnv):
         for i in done_now:
             self._clause_done[i] = True
         # clauses completed by the same action share one segment ("a and b")
-        text = " and ".join(self._clauses[i][0].surface(self._env) for i in done_now)
+        text = " and ".join(self._clause_text[i] for i in done_now)
         start = self._segments[-1]["end"] + 1 if self._segments else 0
         self._segments.append({"start": start, "end": self._t, "instruction": text})
 
@@ -196,7 +199,7 @@ class BabyAIEnv(RobotEnv):
 
     def sub_instructions(self) -> list[str]:
         """The mission's clauses in textual order, e.g. ["go to the red ball", "open the door"]."""
-        return [clause.surface(self._env) for clause, _ in self._clauses]
+        return list(self._clause_text)
 
     def step(self, action):
         obs, reward, terminated, truncated, info = super().step(action)

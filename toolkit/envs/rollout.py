@@ -47,6 +47,8 @@ def run_rollouts(policy: Any, envs, num_episodes: int, seed: int | Sequence[int]
     first = np.arange(n) < min(n, num_episodes)
     policy.reset()
     obs = start(first, None)
+    if not first.all():  # fewer episodes than envs: the spare envs run a discarded episode (a vector env steps all)
+        obs = reset_some(envs, ~first, [seed_of(0)] * int((~first).sum()), obs)
     active = first.copy()
     while active.any():
         for i in np.flatnonzero(active):
