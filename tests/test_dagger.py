@@ -44,7 +44,7 @@ def test_dagger_run_appends_expert_labelled_episodes(dagger_run):
     from toolkit.envs.vector import make_env
 
     root, proc = dagger_run
-    episodes = _episodes(Path(root, "data", "debug_drawer-open-v3_32px.hdf5"))
+    episodes = _episodes(Path(root, "data", "debug_drawer-open-v3_corner4_32px.hdf5"))
     # debug=fast: 2 collected demonstrations, then one episode per DAgger iteration
     assert [e["source"] for e in episodes] == ["expert", "expert", "dagger_iter0", "dagger_iter1"]
     dagger = episodes[2:]

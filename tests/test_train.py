@@ -31,7 +31,7 @@ def debug_run(tmp_path_factory):
 
 def test_train_collects_trains_and_evaluates(debug_run):
     root, proc = debug_run
-    assert Path(root, "data", "debug_drawer-open-v3_64px.hdf5").exists()
+    assert Path(root, "data", "debug_drawer-open-v3_corner4_64px.hdf5").exists()
     s = summary_of(root)
     assert s["global_step"] == 4
     assert 0.0 <= s["rollout/success_rate"] <= 1.0 and s["rollout/episode_length"] == 20
@@ -55,7 +55,7 @@ def test_checkpoint_acts_without_the_dataset(debug_run, tmp_path):
     ckpt = Path(summary_of(root)["last_checkpoint"])
     moved = tmp_path / "policy.ckpt"
     moved.write_bytes(ckpt.read_bytes())
-    data = Path(root, "data", "debug_drawer-open-v3_64px.hdf5")
+    data = Path(root, "data", "debug_drawer-open-v3_corner4_64px.hdf5")
     with h5py.File(data) as f:
         mean = f["data/demo_0/actions"][()].mean(0)
     policy = load_policy(moved)
