@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -27,19 +28,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loading import rss_mb  # noqa: E402
+
 CAMERA, HISTORY, HORIZON, BATCH = "rgb_corner4", 2, 4, 64
-
-
-def rss_mb(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except FileNotFoundError:
-            pass
-    return total / 1024
 
 
 def measure(dataset, workers: int, batches: int) -> dict[str, float]:

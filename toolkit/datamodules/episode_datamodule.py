@@ -11,37 +11,12 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from toolkit.datamodules.episode_file import episode_length, episode_names, open_episode_file, read_split
-from toolkit.datamodules.relabel import Summarizer, chain_spans, episode_spans, read_segments, spans_array
+from toolkit.datamodules.relabel import (Summarizer, chain_spans, episode_clauses, episode_spans, instruction_summary,
+                                         read_segments, spans_array)
 from toolkit.datamodules.video import VIDEO_ATTR
 from toolkit.datamodules.windows import EpisodeChunkSampler, WindowDataset
 from toolkit.errors import ToolkitError
 from toolkit.normalization import compute_stats
-
-
-def episode_clauses(attrs) -> list[str]:
-    """An episode's mission clauses: its ``sub_instructions`` attribute, else its segments' instructions,
-    else its instruction alone."""
-    import json
-
-    if "sub_instructions" in attrs:
-        return list(json.loads(attrs["sub_instructions"]))
-    if "segments" in attrs:
-        return [s["instruction"] for s in json.loads(attrs["segments"])]
-    return [str(attrs["instruction"])] if "instruction" in attrs else []
-
-
-def instruction_summary(f, episodes: list[str]) -> dict | None:
-    """Missions, clauses and the longest chain (in clauses) among ``episodes``; None without instructions."""
-    missions, clauses, longest = set(), set(), 0
-    for name in episodes:
-        attrs = f["data"][name].attrs
-        if "instruction" not in attrs:
-            return None
-        missions.add(str(attrs["instruction"]))
-        parts = episode_clauses(attrs)
-        clauses.update(parts)
-        longest = max(longest, len(parts))
-    return {"missions": sorted(missions), "clauses": sorted(clauses), "max_clauses": longest} if episodes else None
 
 
 class EpisodeDataModule(L.LightningDataModule):
@@ -221,7 +196,7 @@ class EpisodeDataModule(L.LightningDataModule):
         else:
             sampler = SequentialSampler(dataset)
         # Batched loading: the dataset reads a whole batch of windows per call (WindowDataset.get_batch),
-        # ~5x faster than collating windows read one by one.
+        # about 12x faster than collating windows read one by one (bench/loading.py).
         batches = BatchSampler(sampler, self.batch_size, drop_last=shuffle and len(dataset) > self.batch_size)
         return DataLoader(dataset, batch_size=None, sampler=batches, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)

@@ -58,6 +58,30 @@ class Span:
     bootstrap: str | None = None  # chained: the last step's reward is the critic's value of this instruction
 
 
+def episode_clauses(attrs) -> list[str]:
+    """An episode's mission clauses: its ``sub_instructions`` attribute, else its segments' instructions,
+    else its instruction alone."""
+    if "sub_instructions" in attrs:
+        return list(json.loads(attrs["sub_instructions"]))
+    if "segments" in attrs:
+        return [s["instruction"] for s in json.loads(attrs["segments"])]
+    return [str(attrs["instruction"])] if "instruction" in attrs else []
+
+
+def instruction_summary(f, episodes: list[str]) -> dict | None:
+    """Missions, clauses and the longest chain (in clauses) among ``episodes``; None without instructions."""
+    missions, clauses, longest = set(), set(), 0
+    for name in episodes:
+        attrs = f["data"][name].attrs
+        if "instruction" not in attrs:
+            return None
+        missions.add(str(attrs["instruction"]))
+        parts = episode_clauses(attrs)
+        clauses.update(parts)
+        longest = max(longest, len(parts))
+    return {"missions": sorted(missions), "clauses": sorted(clauses), "max_clauses": longest} if episodes else None
+
+
 def read_segments(attrs, where: str) -> list[dict]:
     """An episode's ``segments`` attribute, checked: consecutive, inside the episode, with instructions."""
     if "segments" not in attrs:
