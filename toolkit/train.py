@@ -170,7 +170,38 @@ def print_summary(summary: dict) -> None:
     Console().print(table)
 
 
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _close_loggers() -> None:
+    """A failed run must not leave its W&B run open (the next job of a sweep would log into it)."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1)
+
+
 def run(cfg: DictConfig) -> float | None:
-    """Hydra task function: returns the optimized metric; a ToolkitError exits with its message."""
-    with exit_on_user_error():
+    """Hydra task function: returns the optimized metric. A single run exits on a ToolkitError with its
+    message; inside a multirun (sweeps, Optuna) a failing job is logged, leaves ``failed.txt`` in its
+    output dir, closes its loggers and returns NaN, and the sweep goes on with the other jobs."""
+    if not _in_multirun():
+        with exit_on_user_error():
+            return train(cfg).get(cfg.optimized_metric)
+    try:
         return train(cfg).get(cfg.optimized_metric)
+    except Exception as e:  # noqa: BLE001: one job's failure must not end the sweep
+        import traceback
+
+        cause = e if isinstance(e, ToolkitError) else (e.__cause__ if isinstance(e.__cause__, ToolkitError) else None)
+        text = f"error: {cause}" if cause is not None else traceback.format_exc()
+        log.error(f"job failed, the sweep goes on: {text}")
+        Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+        Path(cfg.paths.output_dir, "failed.txt").write_text(text + "\n")
+        _close_loggers()
+        return float("nan")

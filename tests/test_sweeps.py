@@ -1,0 +1,55 @@
+"""Scaling out and staying up: every experiment runs, sweeps survive a failing job, Optuna search, NaN guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, run_train
+
+
+def experiments() -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", experiments())
+def test_every_experiment_runs_with_fast_dev_run(tmp_path, experiment):
+    # one training batch, one validation batch and the rollouts, on a debug-sized dataset of its env
+    proc = run_train(f"experiment={experiment}", "+trainer.fast_dev_run=true", root=tmp_path)
+    assert "run summary" in proc.stdout and "rollout success rate" in proc.stdout
+
+
+def test_a_failing_job_is_logged_and_the_sweep_goes_on(tmp_path):
+    proc = run_train("-m", "policy.lr=fast,1e-3", "trainer.max_steps=2", root=tmp_path)
+    assert "job failed, the sweep goes on: error: config field policy.lr='fast'" in proc.stdout + proc.stderr
+    sweep = next(Path(tmp_path, "logs", "debug", "multiruns").glob("*"))
+    assert "expected float" in (sweep / "0" / "failed.txt").read_text() and not (sweep / "0" / "summary.json").exists()
+    assert json.loads((sweep / "1" / "summary.json").read_text())["global_step"] == 2
+
+
+def test_optuna_search_tries_the_space_and_reports_the_best(tmp_path):
+    run_train("-m", "hparams_search=bc_optuna", "hydra.sweeper.n_trials=2", "trainer.max_steps=2", root=tmp_path)
+    sweep = next(Path(tmp_path, "logs", "debug", "multiruns").glob("*"))
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["name"] == "optuna" and 0.0 <= result["best_value"] <= 1.0
+    assert set(result["best_params"]) == {"policy.lr", "policy.d_model", "data.batch_size"}
+    lrs = {torch.load(json.loads(s.read_text())["last_checkpoint"], weights_only=False)["hyper_parameters"]["lr"]
+           for s in sweep.glob("[0-9]*/summary.json")}
+    assert len(lrs) == 2 and all(1e-4 <= lr <= 3e-3 for lr in lrs)  # two trials, sampled from the interval
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    # an absurd learning rate blows the weights up after the first update
+    proc = run_train("policy.lr=1e30", "trainer.max_steps=12", "callbacks.last_checkpoint.every_n_train_steps=1",
+                     root=tmp_path, check=False)
+    assert proc.returncode == 2
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: training loss is nan at step ") and "last good checkpoint" in message
+    step = int(message.split(" at step ")[1].split()[0])
+    ckpt = torch.load(next(tmp_path.glob("logs/debug/runs/*/checkpoints/last.ckpt")), weights_only=False)
+    assert ckpt["global_step"] == step - 1  # the step before the diverged one
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
