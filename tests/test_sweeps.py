@@ -53,3 +53,17 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     ckpt = torch.load(next(tmp_path.glob("logs/debug/runs/*/checkpoints/last.ckpt")), weights_only=False)
     assert ckpt["global_step"] == step - 1  # the step before the diverged one
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_submitit_local_runs_jobs_in_parallel_on_one_shared_dataset(tmp_path):
+    # both jobs need the same (missing) dataset: one collects it, the other waits on its lock and reuses it
+    proc = run_train("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "policy.lr=1e-3,3e-4",
+                     "trainer.max_steps=2", root=tmp_path)
+    assert "Submitit 'local' sweep output dir" in proc.stdout + proc.stderr
+    sweep = next(Path(tmp_path, "logs", "debug", "multiruns").glob("*"))
+    summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
+    assert [s["global_step"] for s in summaries] == [2, 2] and not list(sweep.glob("*/failed.txt"))
+    import h5py
+
+    with h5py.File(next(tmp_path.glob("data/*.hdf5"))) as f:
+        assert len([k for k in f["data"] if k.startswith("demo_")]) == 2  # collected once, not twice

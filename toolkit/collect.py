@@ -9,13 +9,31 @@ Episode ``i`` is reset with seed ``data.seed + attempt``: the same command colle
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from toolkit.errors import ToolkitError
+
+
+@contextlib.contextmanager
+def collection_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive lock on ``<path>.lock`` while collecting into ``path``: parallel jobs of a sweep that need
+    the same dataset wait for the first to collect it, then find it complete, instead of writing it twice."""
+    import fcntl
+
+    lock = Path(f"{path}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def existing_episodes(path: Path) -> tuple[int, int]:
@@ -56,7 +74,21 @@ def collect(
 
     Discrete action spaces (``gym.spaces.Discrete``) are stored like continuous ones, as ``actions``
     ``[L, 1]`` float32 holding the index; random actions are uniform indices and ``action_noise`` is refused.
+    Parallel calls on one ``path`` (jobs of a sweep) take turns (``collection_lock``).
     """
+    if policy not in ("expert", "random"):
+        raise ToolkitError(f"collect.policy={policy!r}: use expert or random")
+    source = "random" if policy == "random" else (
+        f"expert+noise(std={action_noise},epsilon={epsilon})" if action_noise or epsilon else "expert")
+    path = Path(path)
+    with collection_lock(path):
+        return _collect(env_cfg, path, num_episodes, num_envs, seed, only_success, max_attempts, progress, policy,
+                        action_noise, epsilon, video, source)
+
+
+def _collect(env_cfg, path: Path, num_episodes: int, num_envs: int, seed: int, only_success: bool,
+             max_attempts: int | None, progress: bool, policy: str, action_noise: float, epsilon: float,
+             video: dict[str, Any] | None, source: str) -> int:
     import gymnasium as gym
     from tqdm.auto import tqdm
 
@@ -64,11 +96,6 @@ def collect(
     from toolkit.datamodules.episode_file import EpisodeWriter
     from toolkit.envs.vector import make_vector_env, reset_some
 
-    if policy not in ("expert", "random"):
-        raise ToolkitError(f"collect.policy={policy!r}: use expert or random")
-    source = "random" if policy == "random" else (
-        f"expert+noise(std={action_noise},epsilon={epsilon})" if action_noise or epsilon else "expert")
-    path = Path(path)
     have, attempt = existing_episodes(path)
     if have >= num_episodes:
         return have

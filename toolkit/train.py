@@ -23,7 +23,7 @@ def find_last_checkpoint(log_dir: str | Path, task_name: str) -> Path | None:
 
 def ensure_demos(cfg: DictConfig) -> None:
     """Collect into ``data.path`` until it holds ``data.num_demos`` episodes (a no-op when it does)."""
-    from toolkit.collect import collect_from_config, existing_episodes
+    from toolkit.collect import collect_from_config, collection_lock, existing_episodes
 
     path = Path(cfg.data.path)
     source = cfg.data.get("source")
@@ -32,7 +32,8 @@ def ensure_demos(cfg: DictConfig) -> None:
 
         convert_source(source, path)
         return
-    have, _ = existing_episodes(path)
+    with collection_lock(path):  # a parallel job of the same sweep may be collecting it right now
+        have, _ = existing_episodes(path)
     if have >= (cfg.data.num_demos or 1):
         return
     if not cfg.collect.enabled:
