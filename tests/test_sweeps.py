@@ -67,3 +67,17 @@ def test_submitit_local_runs_jobs_in_parallel_on_one_shared_dataset(tmp_path):
 
     with h5py.File(next(tmp_path.glob("data/*.hdf5"))) as f:
         assert len([k for k in f["data"] if k.startswith("demo_")]) == 2  # collected once, not twice
+
+
+def test_a_crashed_simulator_during_rollouts_is_restarted_and_training_goes_on(tmp_path):
+    # evaluation episode 1 (seed 1_000_001) kills its simulator process; 4 episodes in 2 worker processes
+    proc = run_train("env._target_=self_killing_env.CrashingRolloutEnv", "+env.crash_at_seed=1000001",
+                     "callbacks.rollout.num_episodes=4", "callbacks.rollout.num_envs=2", "trainer.max_steps=4",
+                     "trainer.val_check_interval=2", root=tmp_path)
+    assert "episode(s) [1] recorded as failed" in proc.stdout + proc.stderr
+    import csv
+
+    rows = [r for r in csv.DictReader(next(tmp_path.glob("logs/debug/runs/*/csv/version_0/metrics.csv")).open())
+            if r.get("rollout/failed_episodes")]
+    assert [float(r["rollout/failed_episodes"]) for r in rows] == [1.0, 1.0]  # both validations, after a restart
+    assert json.loads(next(tmp_path.glob("logs/debug/runs/*/summary.json")).read_text())["global_step"] == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,21 @@ from omegaconf import DictConfig
 
 from toolkit.envs.vector import reset_some, update_instructions
 
+log = logging.getLogger(__name__)
+
+# what a vector env raises when one of its simulator processes died
+WORKER_DIED = (EOFError, BrokenPipeError, ConnectionResetError)
+
+
+class SimulatorCrash(RuntimeError):
+    """A simulator process died during rollouts; ``results`` holds the episodes that finished (``finished``
+    mask) among the first ``started``; the others had not started."""
+
+    def __init__(self, results: dict[str, Any], finished: np.ndarray, started: int, episode_of: np.ndarray) -> None:
+        super().__init__(f"a simulator process died; {int(finished.sum())} of {started} started episodes had finished")
+        self.results, self.finished, self.started = results, finished, started
+        self.episode_of = episode_of  # the episode each env was running (-1: none)
+
 
 def run_rollouts(policy: Any, envs, num_episodes: int, seed: int | Sequence[int], video_episodes: int = 0) -> dict[str, Any]:
     """Run ``num_episodes`` episodes of ``policy`` (anything with ``reset(mask)``/``act(obs)``).
@@ -21,7 +37,8 @@ def run_rollouts(policy: Any, envs, num_episodes: int, seed: int | Sequence[int]
     sees the same configurations.
     The policy sees each env's ``instruction()`` as ``obs["instruction"]``. Returns per-episode
     ``success``, ``return``, ``length``, ``instruction``, the frames of the first ``video_episodes``
-    episodes, and the env steps/s.
+    episodes, and the env steps/s. A dead simulator process raises ``SimulatorCrash`` with the episodes
+    that finished before it.
     """
     n = envs.num_envs
     seed_of = (lambda k: seed + k) if isinstance(seed, int) else (lambda k: int(seed[k]))
@@ -44,34 +61,52 @@ def run_rollouts(policy: Any, envs, num_episodes: int, seed: int | Sequence[int]
         results["instruction"][episodes] = instructions[mask]
         return obs
 
-    first = np.arange(n) < min(n, num_episodes)
-    policy.reset()
-    obs = start(first, None)
-    if not first.all():  # fewer episodes than envs: the spare envs run a discarded episode (a vector env steps all)
-        obs = reset_some(envs, ~first, [seed_of(0)] * int((~first).sum()), obs)
-    active = first.copy()
-    while active.any():
-        for i in np.flatnonzero(active):
-            if episode_of[i] in frames and camera_key:
-                frames[episode_of[i]].append(obs[camera_key][i])
-        obs, reward, terminated, truncated, info = envs.step(policy.act({**obs, "instruction": instructions}))
-        steps += int(active.sum())
-        for i in np.flatnonzero(active):
-            k = episode_of[i]
-            results["return"][k] += reward[i]
-            results["length"][k] += 1
-            results["success"][k] |= bool(info["success"][i])
-        ended = active & (terminated | truncated)
-        for i in np.flatnonzero(ended):
-            if episode_of[i] in frames and camera_key:
-                frames[episode_of[i]].append(obs[camera_key][i])
-        restart = ended & (np.cumsum(ended) <= num_episodes - next_episode)
-        active &= ~(ended & ~restart)
-        if restart.any():
-            obs = start(restart, obs)
+    finished = np.zeros(num_episodes, bool)
+    try:
+        first = np.arange(n) < min(n, num_episodes)
+        policy.reset()
+        obs = start(first, None)
+        if not first.all():  # fewer episodes than envs: the spare envs run a discarded episode (a vector env steps all)
+            obs = reset_some(envs, ~first, [seed_of(0)] * int((~first).sum()), obs)
+        active = first.copy()
+        while active.any():
+            for i in np.flatnonzero(active):
+                if episode_of[i] in frames and camera_key:
+                    frames[episode_of[i]].append(obs[camera_key][i])
+            obs, reward, terminated, truncated, info = envs.step(policy.act({**obs, "instruction": instructions}))
+            steps += int(active.sum())
+            for i in np.flatnonzero(active):
+                k = episode_of[i]
+                results["return"][k] += reward[i]
+                results["length"][k] += 1
+                results["success"][k] |= bool(info["success"][i])
+            ended = active & (terminated | truncated)
+            finished[episode_of[ended]] = True
+            for i in np.flatnonzero(ended):
+                if episode_of[i] in frames and camera_key:
+                    frames[episode_of[i]].append(obs[camera_key][i])
+            restart = ended & (np.cumsum(ended) <= num_episodes - next_episode)
+            active &= ~(ended & ~restart)
+            if restart.any():
+                obs = start(restart, obs)
+    except WORKER_DIED:
+        raise SimulatorCrash(results, finished, next_episode, episode_of.copy()) from None
     results["frames"] = [np.stack(f) for f in frames.values() if f]
     results["steps_per_s"] = steps / (time.perf_counter() - t0)
     return results
+
+
+def _dead_workers(envs, wait_s: float = 2.0) -> list[int]:
+    """Indices of an AsyncVectorEnv's dead worker processes (the pipe breaks a moment before the process is
+    seen dead, so wait for it); [] if none is seen dead or the env has no processes."""
+    processes = getattr(envs, "processes", None) or []
+    deadline = time.perf_counter() + wait_s
+    while processes:
+        dead = [i for i, p in enumerate(processes) if not p.is_alive()]
+        if dead or time.perf_counter() > deadline:
+            return dead
+        time.sleep(0.02)
+    return []
 
 
 class RolloutCallback(L.Callback):
@@ -97,11 +132,41 @@ class RolloutCallback(L.Callback):
         self.last_video: Path | None = None
 
     def evaluate(self, policy: Any) -> dict[str, Any]:
+        """All ``num_episodes`` episodes, as ``run_rollouts`` returns them, plus a ``failed`` mask: when a
+        simulator process dies, the episode it was running is recorded as failed, the vector env is
+        restarted, and the episodes that were interrupted in the other processes or not yet started run
+        on it (from their own seeds, so they are the same episodes)."""
         from toolkit.envs.vector import make_vector_env
 
-        if self._envs is None:
-            self._envs = make_vector_env(self.env_cfg, min(self.num_envs, self.num_episodes))
-        return run_rollouts(policy, self._envs, self.num_episodes, self.seed, self.video_episodes)
+        n = self.num_episodes
+        out = {"success": np.zeros(n, bool), "return": np.zeros(n), "length": np.zeros(n, int),
+               "failed": np.zeros(n, bool), "frames": [], "steps_per_s": 0.0}
+        todo = np.arange(n)
+        while len(todo):
+            if self._envs is None:
+                self._envs = make_vector_env(self.env_cfg, min(self.num_envs, len(todo)))
+            try:
+                res = run_rollouts(policy, self._envs, len(todo), [self.seed + int(k) for k in todo],
+                                   self.video_episodes if len(todo) == n else 0)
+                finished, started = np.ones(len(todo), bool), len(todo)
+                out["frames"], out["steps_per_s"] = res["frames"], res["steps_per_s"]
+            except SimulatorCrash as crash:
+                res, finished = crash.results, crash.finished
+                dead = _dead_workers(self._envs)
+                lost = sorted({int(crash.episode_of[i]) for i in (dead or range(len(crash.episode_of)))
+                               if crash.episode_of[i] >= 0 and not finished[crash.episode_of[i]]})
+                out["failed"][todo[lost]] = True
+                finished = finished.copy()
+                finished[lost] = True  # not to be run again
+                log.warning(f"a simulator process died during rollouts: episode(s) {todo[lost].tolist()} recorded as "
+                            f"failed; restarting the envs for the {int((~finished).sum())} episode(s) left")
+                self._envs.close(terminate=True)
+                self._envs = None
+            done = finished & ~np.isin(todo, out["failed"].nonzero()[0])
+            for key in ("success", "return", "length"):
+                out[key][todo[done]] = res[key][done]
+            todo = todo[~finished]
+        return out
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -109,11 +174,14 @@ class RolloutCallback(L.Callback):
         start = time.perf_counter()
         res = self.evaluate(pl_module)
         self.total_time_s += time.perf_counter() - start
+        ok = ~res["failed"]  # a crashed simulator says nothing about the policy: those episodes are left out
+        mean = (lambda x: float(x[ok].mean())) if ok.any() else (lambda x: 0.0)  # noqa: E731
         self.last = {
-            "rollout/success_rate": float(res["success"].mean()),
-            "rollout/return": float(res["return"].mean()),
-            "rollout/episode_length": float(res["length"].mean()),
+            "rollout/success_rate": mean(res["success"]),
+            "rollout/return": mean(res["return"]),
+            "rollout/episode_length": mean(res["length"]),
             "rollout/env_steps_per_s": float(res["steps_per_s"]),
+            "rollout/failed_episodes": float(res["failed"].sum()),
         }
         pl_module.log_dict(self.last, sync_dist=True)
         if res["frames"] and self.video_dir and trainer.is_global_zero:
