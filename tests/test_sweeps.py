@@ -81,3 +81,20 @@ def test_a_crashed_simulator_during_rollouts_is_restarted_and_training_goes_on(t
             if r.get("rollout/failed_episodes")]
     assert [float(r["rollout/failed_episodes"]) for r in rows] == [1.0, 1.0]  # both validations, after a restart
     assert json.loads(next(tmp_path.glob("logs/debug/runs/*/summary.json")).read_text())["global_step"] == 4
+
+
+def test_two_process_ddp_on_cpu_stays_in_sync_shards_the_data_and_resumes(tmp_path):
+    common = ["trainer=ddp", "num_threads=1", "callbacks.rollout.num_episodes=4", "trainer.val_check_interval=4",
+              "callbacks.last_checkpoint.every_n_train_steps=4", "+callbacks.ddp_probe._target_=ddp_probe.DDPProbe",
+              f"+callbacks.ddp_probe.path={tmp_path}/ddp_probe.json"]
+    proc = run_train(*common, "trainer.max_steps=4", root=tmp_path)
+    assert proc.stdout.count("run summary") == 1  # one summary, from rank 0
+    probe = json.loads((tmp_path / "ddp_probe.json").read_text())
+    assert probe["world_size"] == 2 and probe["global_step"] == 4
+    a, b = probe["param_sums"]
+    assert a == pytest.approx(b, rel=1e-9)  # the same weights in both processes after 4 updates
+    assert probe["batches"][0] != probe["batches"][1]  # each process trained on its own batches
+    summary = json.loads(next(tmp_path.glob("logs/debug/runs/*/summary.json")).read_text())
+    assert 0.0 <= summary["rollout/success_rate"] <= 1.0
+    run_train(*common, "trainer.max_steps=8", "resume=true", root=tmp_path)
+    assert json.loads((tmp_path / "ddp_probe.json").read_text())["global_step"] == 8

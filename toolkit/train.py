@@ -141,9 +141,10 @@ def train(cfg: DictConfig) -> dict:
         "video": str(rollout.last_video) if rollout and rollout.last_video else None,
         "output_dir": cfg.paths.output_dir,
     }
-    Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
-    Path(cfg.paths.output_dir, "summary.json").write_text(json.dumps(summary, indent=2))
-    print_summary(summary)
+    if trainer.is_global_zero:  # DDP: one summary, from rank 0
+        Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+        Path(cfg.paths.output_dir, "summary.json").write_text(json.dumps(summary, indent=2))
+        print_summary(summary)
     return summary
 
 

@@ -96,6 +96,18 @@ def run_rollouts(policy: Any, envs, num_episodes: int, seed: int | Sequence[int]
     return results
 
 
+def _gather_episodes(pl_module: L.LightningModule, res: dict[str, Any], n: int) -> dict[str, Any]:
+    """Every process's episodes, merged (each process filled only its own, ``res["mine"]``)."""
+    import torch
+
+    keys = ("success", "return", "length", "failed")
+    local = torch.stack([torch.as_tensor(np.where(res["mine"], res[k], 0), dtype=torch.float64) for k in keys])
+    total = pl_module.all_gather(local).sum(0).cpu().numpy()  # [world, 4, n] -> [4, n]
+    rate = pl_module.all_gather(torch.tensor(float(res["steps_per_s"]), dtype=torch.float64)).sum().item()
+    merged = {k: total[i].astype(res[k].dtype) for i, k in enumerate(keys)}
+    return {**merged, "frames": res["frames"], "steps_per_s": rate, "mine": np.ones(n, bool)}
+
+
 def _dead_workers(envs, wait_s: float = 2.0) -> list[int]:
     """Indices of an AsyncVectorEnv's dead worker processes (the pipe breaks a moment before the process is
     seen dead, so wait for it); [] if none is seen dead or the env has no processes."""
@@ -131,7 +143,7 @@ class RolloutCallback(L.Callback):
         self.last: dict[str, float] = {}
         self.last_video: Path | None = None
 
-    def evaluate(self, policy: Any) -> dict[str, Any]:
+    def evaluate(self, policy: Any, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
         """All ``num_episodes`` episodes, as ``run_rollouts`` returns them, plus a ``failed`` mask: when a
         simulator process dies, the episode it was running is recorded as failed, the vector env is
         restarted, and the episodes that were interrupted in the other processes or not yet started run
@@ -140,14 +152,15 @@ class RolloutCallback(L.Callback):
 
         n = self.num_episodes
         out = {"success": np.zeros(n, bool), "return": np.zeros(n), "length": np.zeros(n, int),
-               "failed": np.zeros(n, bool), "frames": [], "steps_per_s": 0.0}
-        todo = np.arange(n)
+               "failed": np.zeros(n, bool), "frames": [], "steps_per_s": 0.0,
+               "mine": np.arange(n) % world_size == rank}  # the episodes this process runs
+        todo = np.flatnonzero(out["mine"])
         while len(todo):
             if self._envs is None:
                 self._envs = make_vector_env(self.env_cfg, min(self.num_envs, len(todo)))
             try:
                 res = run_rollouts(policy, self._envs, len(todo), [self.seed + int(k) for k in todo],
-                                   self.video_episodes if len(todo) == n else 0)
+                                   self.video_episodes if len(todo) == out["mine"].sum() else 0)
                 finished, started = np.ones(len(todo), bool), len(todo)
                 out["frames"], out["steps_per_s"] = res["frames"], res["steps_per_s"]
             except SimulatorCrash as crash:
@@ -172,7 +185,9 @@ class RolloutCallback(L.Callback):
         if trainer.sanity_checking:
             return
         start = time.perf_counter()
-        res = self.evaluate(pl_module)
+        res = self.evaluate(pl_module, trainer.global_rank, trainer.world_size)
+        if trainer.world_size > 1:  # each process ran every world_size-th episode: gather them all
+            res = _gather_episodes(pl_module, res, self.num_episodes)
         self.total_time_s += time.perf_counter() - start
         ok = ~res["failed"]  # a crashed simulator says nothing about the policy: those episodes are left out
         mean = (lambda x: float(x[ok].mean())) if ok.any() else (lambda x: 0.0)  # noqa: E731
@@ -183,7 +198,7 @@ class RolloutCallback(L.Callback):
             "rollout/env_steps_per_s": float(res["steps_per_s"]),
             "rollout/failed_episodes": float(res["failed"].sum()),
         }
-        pl_module.log_dict(self.last, sync_dist=True)
+        pl_module.log_dict(self.last)  # the same values on every process (gathered above)
         if res["frames"] and self.video_dir and trainer.is_global_zero:
             from toolkit.envs.video import tile_episodes, write_mp4
 
