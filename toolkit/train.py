@@ -113,6 +113,9 @@ def train(cfg: DictConfig) -> dict:
     trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False)
 
     ckpt_path = cfg.ckpt_path
+    own = Path(cfg.paths.output_dir, "checkpoints", "last.ckpt")
+    if ckpt_path is None and own.exists():  # a requeued job (SLURM pre-emption, time-out) reuses its output dir
+        ckpt_path = own
     if ckpt_path is None and cfg.resume:
         ckpt_path = find_last_checkpoint(cfg.paths.log_dir, cfg.task_name)
         if ckpt_path is None:
