@@ -24,3 +24,16 @@ class DDPProbe(L.Callback):
         if trainer.is_global_zero:
             self.path.write_text(json.dumps({"world_size": trainer.world_size, "param_sums": sums, "batches": batches,
                                              "global_step": trainer.global_step}))
+
+
+class BatchLog(L.Callback):
+    """Appends ``{"step", "batch", "lr"}`` per training step to a JSON-lines file: which windows each step
+    trained on (the sum of the batch's actions identifies them) and the learning rate it used."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "batch": float(batch["action"].double().sum()), "lr": lr}) + "\n")

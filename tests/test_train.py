@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -81,24 +82,39 @@ def test_resume_continues_from_the_last_checkpoint(debug_run):
     assert next(iter(after["optimizer_states"][0]["state"].values()))["step"].item() == 8
 
 
-def test_killed_training_resumes(tmp_path):
-    """SIGKILL in the middle of training, then `resume=true` continues from the last saved step."""
-    cmd = [sys.executable, str(ROOT / "train.py"), "debug=fast", f"paths.root_dir={tmp_path}",
-           "trainer.max_steps=400", "trainer.val_check_interval=400", "callbacks.last_checkpoint.every_n_train_steps=5"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _steps(path: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_killed_training_resumes_with_the_same_step_schedule_and_data_order(tmp_path):
+    """SIGKILL in the middle of training, then `resume=true`: the same global step, learning-rate schedule
+    and batches (mid-epoch too) as a run that was never interrupted."""
+    common = ["trainer.max_steps=60", "trainer.val_check_interval=60", "callbacks.last_checkpoint.every_n_train_steps=5",
+              "+callbacks.batch_log._target_=ddp_probe.BatchLog"]
+    reference = tmp_path / "reference"
+    run_train(*common, f"+callbacks.batch_log.path={tmp_path}/reference.jsonl", root=reference)
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "train.py"), "debug=fast", f"paths.root_dir={killed}", *common,
+           f"+callbacks.batch_log.path={tmp_path}/killed.jsonl"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 180
     ckpts = []
     while not ckpts and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-        ckpts = list(Path(tmp_path, "logs", "debug", "runs").glob("*/checkpoints/last.ckpt"))
-    time.sleep(1.0)
+        time.sleep(0.2)
+        ckpts = list(Path(killed, "logs", "debug", "runs").glob("*/checkpoints/last.ckpt"))
+    time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpts, "no checkpoint was written before the kill"
     step = torch.load(ckpts[0], weights_only=False)["global_step"]
-    assert 5 <= step < 400
-    proc = run_train("resume=true", f"trainer.max_steps={step + 5}", "trainer.val_check_interval=5", root=tmp_path)
-    assert summary_of(tmp_path)["global_step"] == step + 5
+    assert 5 <= step < 60
+    run_train(*common, "resume=true", f"+callbacks.batch_log.path={tmp_path}/resumed.jsonl", root=killed)
+    assert summary_of(killed)["global_step"] == 60
+    ref, resumed = _steps(tmp_path / "reference.jsonl"), _steps(tmp_path / "resumed.jsonl")
+    assert sorted(resumed) == list(range(step, 60))  # continued at the checkpoint's step
+    for s in resumed:  # the same windows and learning rate at every step as the uninterrupted run
+        assert resumed[s]["batch"] == pytest.approx(ref[s]["batch"]) and resumed[s]["lr"] == pytest.approx(ref[s]["lr"])
 
 
 def test_multirun_sweep_runs_each_job(tmp_path):

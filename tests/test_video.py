@@ -195,7 +195,7 @@ def test_datamodule_draws_mp4_windows_in_episode_chunks(lossless_file):
     dm = EpisodeDataModule(str(path), batch_size=4, video_chunk_episodes=1)
     dm.setup("fit")
     assert dm.video and dm.train_set.decoded_episodes == 2
-    assert isinstance(dm.train_dataloader().sampler.sampler, EpisodeChunkSampler)
+    assert isinstance(dm.train_dataloader().sampler.chunks, EpisodeChunkSampler)
     off = EpisodeDataModule(str(path), batch_size=4, video_chunk_episodes=0)
     off.setup("fit")
-    assert off.train_set.decoded_episodes == 0 and not isinstance(off.train_dataloader().sampler.sampler, EpisodeChunkSampler)
+    assert off.train_set.decoded_episodes == 0 and not isinstance(off.train_dataloader().sampler.chunks, EpisodeChunkSampler)

@@ -144,3 +144,24 @@ def test_the_datamodule_loader_yields_whole_shuffled_batches(tiny_file):
     assert all(r.tobytes() in rows for r in seen)
     valid = list(dm.val_dataloader())
     assert sum(len(b["action"]) for b in valid) == len(dm.valid_set)  # validation keeps every window, in order
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(n=st.integers(1, 50), batch=st.integers(1, 8), epoch=st.integers(0, 5), data=st.data())
+def test_epoch_batch_sampler_resumes_mid_epoch_with_the_same_batches(n, batch, epoch, data):
+    from toolkit.datamodules.windows import EpochBatchSampler
+
+    drop_last = data.draw(st.booleans())
+    sampler = EpochBatchSampler(n, batch, shuffle=True, drop_last=drop_last, seed=3)
+    sampler.set_epoch(epoch)
+    full = list(sampler)
+    seen = [i for b in full for i in b]
+    assert len(full) == len(sampler) and len(set(seen)) == len(seen)  # no window twice in an epoch
+    assert len(seen) == (n - n % batch if drop_last else n) and set(seen) <= set(range(n))
+    k = data.draw(st.integers(0, len(full)))
+    sampler.set_epoch(epoch)
+    sampler.skip = (epoch, k)
+    assert list(sampler) == full[k:]  # resumed after k batches: exactly the rest of that epoch
+    assert list(sampler) == full  # the skip applies once
+    sampler.skip = (epoch - 1, 1)  # a finished epoch's position does not skip into the next one
+    assert list(sampler) == full

@@ -8,15 +8,33 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader
 
 from toolkit.datamodules.episode_file import episode_length, episode_names, open_episode_file, read_split
 from toolkit.datamodules.relabel import (Summarizer, chain_spans, episode_clauses, episode_spans, instruction_summary,
                                          read_segments, spans_array)
 from toolkit.datamodules.video import VIDEO_ATTR
-from toolkit.datamodules.windows import EpisodeChunkSampler, WindowDataset
+from toolkit.datamodules.windows import EpisodeChunkSampler, EpochBatchSampler, WindowDataset
 from toolkit.errors import ToolkitError
 from toolkit.normalization import compute_stats
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position is saved in checkpoints (Lightning calls ``state_dict`` of stateful loaders):
+    the epoch and how many of its batches were trained on, so a resumed run continues the same data order."""
+
+    def __init__(self, *args, datamodule: L.LightningDataModule | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.datamodule = datamodule
+
+    def state_dict(self) -> dict:
+        trainer = getattr(self.datamodule, "trainer", None)
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+        return {"epoch": getattr(self.sampler, "epoch", 0), "batches": int(done)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if isinstance(self.sampler, EpochBatchSampler):  # not when Lightning swapped in a distributed sampler
+            self.sampler.epoch, self.sampler.skip = state["epoch"], (state["epoch"], state["batches"])
 
 
 class EpisodeDataModule(L.LightningDataModule):
@@ -189,17 +207,14 @@ class EpisodeDataModule(L.LightningDataModule):
         self.valid_set = self._windows(valid, keys) if valid else None
 
     def _loader(self, dataset: WindowDataset, shuffle: bool) -> DataLoader:
-        if shuffle and dataset.decoded_episodes:
-            sampler = EpisodeChunkSampler(dataset.ep_of, self.video_chunk_episodes, seed=torch.initial_seed() % 2**32)
-        elif shuffle:
-            sampler = RandomSampler(dataset)
-        else:
-            sampler = SequentialSampler(dataset)
+        seed = torch.initial_seed() % 2**32  # seed_everything(cfg.seed) fixes it: the same order on every run
+        chunks = EpisodeChunkSampler(dataset.ep_of, self.video_chunk_episodes, seed) if shuffle and dataset.decoded_episodes else None
         # Batched loading: the dataset reads a whole batch of windows per call (WindowDataset.get_batch),
         # about 12x faster than collating windows read one by one (bench/loading.py).
-        batches = BatchSampler(sampler, self.batch_size, drop_last=shuffle and len(dataset) > self.batch_size)
-        return DataLoader(dataset, batch_size=None, sampler=batches, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        batches = EpochBatchSampler(len(dataset), self.batch_size, shuffle, drop_last=shuffle and len(dataset) > self.batch_size,
+                                    seed=seed, chunks=chunks)
+        return ResumableDataLoader(dataset, batch_size=None, sampler=batches, num_workers=self.num_workers,
+                                   persistent_workers=self.num_workers > 0, datamodule=self)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -232,3 +232,38 @@ class EpisodeChunkSampler(Sampler[int]):
         for start in range(0, len(episodes), self.episodes_per_chunk):
             chunk = np.concatenate([self.windows_of[e] for e in episodes[start:start + self.episodes_per_chunk]])
             yield from rng.permutation(chunk).tolist()
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of window indices in an order fixed by ``(seed, epoch)``: every window once per epoch, shuffled
+    (``chunks``: an ``EpisodeChunkSampler``, a few episodes at a time) or in order. ``set_epoch`` (Lightning
+    calls it) picks the epoch, and ``skip = (epoch, n)`` leaves out that epoch's first n batches once: a run resumed mid-epoch
+    sees exactly the batches an uninterrupted run would have seen next."""
+
+    def __init__(self, num_windows: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0,
+                 chunks: EpisodeChunkSampler | None = None) -> None:
+        self.num_windows, self.batch_size, self.shuffle, self.drop_last = num_windows, batch_size, shuffle, drop_last
+        self.seed, self.chunks, self.epoch = seed, chunks, 0
+        self.skip: tuple[int, int] | None = None  # (epoch, batches) already trained on, to leave out once
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> np.ndarray:
+        if self.chunks is not None:
+            self.chunks.epoch = self.epoch
+            return np.fromiter(iter(self.chunks), dtype=np.int64)
+        if self.shuffle:
+            return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
+        return np.arange(self.num_windows)
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_windows, self.batch_size)
+        return full if self.drop_last or not rest else full + 1
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # a resumed epoch that had finished is not skipped into: Lightning goes on with the next epoch
+        order, skip = self._order(), self.skip[1] if self.skip and self.skip[0] == self.epoch else 0
+        self.skip = None
+        for b in range(skip, len(self)):
+            yield order[b * self.batch_size: (b + 1) * self.batch_size].tolist()
