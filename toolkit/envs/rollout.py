@@ -161,7 +161,7 @@ class RolloutCallback(L.Callback):
             try:
                 res = run_rollouts(policy, self._envs, len(todo), [self.seed + int(k) for k in todo],
                                    self.video_episodes if len(todo) == out["mine"].sum() else 0)
-                finished, started = np.ones(len(todo), bool), len(todo)
+                finished = np.ones(len(todo), bool)
                 out["frames"], out["steps_per_s"] = res["frames"], res["steps_per_s"]
             except SimulatorCrash as crash:
                 res, finished = crash.results, crash.finished
