@@ -32,7 +32,10 @@ def ensure_demos(cfg: DictConfig) -> None:
 
         convert_source(source, path)
         return
-    with collection_lock(path):  # a parallel job of the same sweep may be collecting it right now
+    if cfg.collect.enabled:
+        with collection_lock(path):  # a parallel job of the same sweep may be collecting it right now
+            have, _ = existing_episodes(path)
+    else:
         have, _ = existing_episodes(path)
     if have >= (cfg.data.num_demos or 1):
         return
