@@ -54,7 +54,6 @@ class Span:
     stop: int  # exclusive
     instruction: str | None
     relabeled: bool  # reward 1 / done on the last step instead of the recorded ones
-    segments: int = 1  # how many sub-instructions it chains
     bootstrap: str | None = None  # chained: the last step's reward is the critic's value of this instruction
 
 
@@ -106,7 +105,7 @@ def episode_spans(episode: int, length: int, instruction: str | None, segments: 
     if unknown:
         raise ToolkitError(f"data.relabel={list(modes)}: unknown mode(s) {sorted(unknown)}; use {list(RELABEL_MODES)}")
     summarize = summarize or JoinInstructions()
-    spans = [Span(episode, 0, length, instruction, False, max(1, len(segments)))] if keep_original else []
+    spans = [Span(episode, 0, length, instruction, False)] if keep_original else []
     if "primitive" in modes:
         spans += [Span(episode, s["start"], s["end"] + 1, s["instruction"], True) for s in segments]
     if "aggregate" in modes:
@@ -116,7 +115,7 @@ def episode_spans(episode: int, length: int, instruction: str | None, segments: 
                 if n == len(segments) and keep_original and run[-1]["end"] == length - 1:
                     continue  # the whole mission: the original span already covers it
                 spans.append(Span(episode, run[0]["start"], run[-1]["end"] + 1,
-                                  summarize([s["instruction"] for s in run]), True, n))
+                                  summarize([s["instruction"] for s in run]), True))
     return spans
 
 
@@ -139,7 +138,7 @@ def chain_spans(segments: list[tuple[int, dict]], first_states: np.ndarray, end_
         for b in rng.choice(candidates, size=min(per_segment, len(candidates)), replace=False):
             seg_b = segments[b][1]
             spans.append(Span(ep_a, seg_a["start"], seg_a["end"] + 1,
-                              summarize([seg_a["instruction"], seg_b["instruction"]]), True, 2,
+                              summarize([seg_a["instruction"], seg_b["instruction"]]), True,
                               bootstrap=seg_b["instruction"]))
     return spans
 
