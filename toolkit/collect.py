@@ -81,14 +81,6 @@ def collect(
     source = "random" if policy == "random" else (
         f"expert+noise(std={action_noise},epsilon={epsilon})" if action_noise or epsilon else "expert")
     path = Path(path)
-    with collection_lock(path):
-        return _collect(env_cfg, path, num_episodes, num_envs, seed, only_success, max_attempts, progress, policy,
-                        action_noise, epsilon, video, source)
-
-
-def _collect(env_cfg, path: Path, num_episodes: int, num_envs: int, seed: int, only_success: bool,
-             max_attempts: int | None, progress: bool, policy: str, action_noise: float, epsilon: float,
-             video: dict[str, Any] | None, source: str) -> int:
     import gymnasium as gym
     from tqdm.auto import tqdm
 
@@ -96,101 +88,103 @@ def _collect(env_cfg, path: Path, num_episodes: int, num_envs: int, seed: int, o
     from toolkit.datamodules.episode_file import EpisodeWriter
     from toolkit.envs.vector import make_vector_env, reset_some
 
-    have, attempt = existing_episodes(path)
-    if have >= num_episodes:
-        return have
-    max_attempts = max_attempts or 2 * num_episodes + 10
-    envs = make_vector_env(env_cfg, num_envs)
-    try:
-        space = envs.single_action_space
-        discrete = isinstance(space, gym.spaces.Discrete)
-        if discrete and action_noise:
-            raise ToolkitError(f"collect.action_noise={action_noise}: Gaussian noise needs continuous actions and "
-                               f"this env's actions are discrete ({space}); use collect.epsilon to explore")
-        writer = EpisodeWriter(path, envs.call("env_args")[0], video=video)
-        bar = tqdm(total=num_episodes, initial=have, desc=f"collecting {path.name}", unit="ep", disable=not progress)
-        steps: list[list[dict]] = [[] for _ in range(num_envs)]
-        env_attempt = np.full(num_envs, -1)
-        env_instruction: list[str | None] = [None] * num_envs
-        env_clauses: list[list[str] | None] = [None] * num_envs
-        rejected = 0
-        rng = np.random.default_rng(seed + attempt)
+    with collection_lock(path):
+        have, attempt = existing_episodes(path)
+        if have >= num_episodes:
+            return have
+        max_attempts = max_attempts or 2 * num_episodes + 10
+        envs = make_vector_env(env_cfg, num_envs)
+        try:
+            space = envs.single_action_space
+            discrete = isinstance(space, gym.spaces.Discrete)
+            if discrete and action_noise:
+                raise ToolkitError(f"collect.action_noise={action_noise}: Gaussian noise needs continuous actions and "
+                                   f"this env's actions are discrete ({space}); use collect.epsilon to explore")
+            writer = EpisodeWriter(path, envs.call("env_args")[0], video=video)
+            bar = tqdm(total=num_episodes, initial=have, desc=f"collecting {path.name}", unit="ep", disable=not progress)
+            steps: list[list[dict]] = [[] for _ in range(num_envs)]
+            env_attempt = np.full(num_envs, -1)
+            env_instruction: list[str | None] = [None] * num_envs
+            env_clauses: list[list[str] | None] = [None] * num_envs
+            rejected = 0
+            rng = np.random.default_rng(seed + attempt)
 
-        def random_actions() -> np.ndarray:
-            if discrete:
-                return (space.start + rng.integers(0, space.n, (num_envs, 1))).astype(np.float32)
-            return rng.uniform(space.low, space.high, (num_envs, *space.shape)).astype(np.float32)
+            def random_actions() -> np.ndarray:
+                if discrete:
+                    return (space.start + rng.integers(0, space.n, (num_envs, 1))).astype(np.float32)
+                return rng.uniform(space.low, space.high, (num_envs, *space.shape)).astype(np.float32)
 
-        def behaviour_actions() -> np.ndarray:
-            random = random_actions()
-            if policy == "random":
-                return random
-            actions = np.stack(envs.call("expert_action")).astype(np.float32)
-            actions = actions + rng.normal(0.0, action_noise, actions.shape) if action_noise else actions
-            explore = rng.random(num_envs) < epsilon
-            actions[explore] = random[explore]
-            return actions if discrete else np.clip(actions, space.low, space.high).astype(np.float32)
+            def behaviour_actions() -> np.ndarray:
+                random = random_actions()
+                if policy == "random":
+                    return random
+                actions = np.stack(envs.call("expert_action")).astype(np.float32)
+                actions = actions + rng.normal(0.0, action_noise, actions.shape) if action_noise else actions
+                explore = rng.random(num_envs) < epsilon
+                actions[explore] = random[explore]
+                return actions if discrete else np.clip(actions, space.low, space.high).astype(np.float32)
 
-        def start(mask: np.ndarray, obs: dict | None = None) -> dict:
-            nonlocal attempt
-            attempts = np.arange(attempt, attempt + mask.sum())
-            env_attempt[mask] = attempts
-            attempt += len(attempts)
-            obs = reset_some(envs, mask, [seed + int(a) for a in attempts], obs)
-            # Read now: sub-envs reset at different times, and the instruction is the new episode's.
-            instructions, clauses = envs.call("instruction"), envs.call("sub_instructions")
-            for i in np.flatnonzero(mask):
-                env_instruction[i], env_clauses[i] = instructions[i], clauses[i]
-            return obs
+            def start(mask: np.ndarray, obs: dict | None = None) -> dict:
+                nonlocal attempt
+                attempts = np.arange(attempt, attempt + mask.sum())
+                env_attempt[mask] = attempts
+                attempt += len(attempts)
+                obs = reset_some(envs, mask, [seed + int(a) for a in attempts], obs)
+                # Read now: sub-envs reset at different times, and the instruction is the new episode's.
+                instructions, clauses = envs.call("instruction"), envs.call("sub_instructions")
+                for i in np.flatnonzero(mask):
+                    env_instruction[i], env_clauses[i] = instructions[i], clauses[i]
+                return obs
 
-        active = np.ones(num_envs, dtype=bool)
-        obs = start(active)
-        while active.any():
-            actions = behaviour_actions()
-            # A vector env of Discrete spaces takes one integer per env; the file keeps [1] float32.
-            next_obs, rewards, terminated, truncated, info = envs.step(
-                actions[:, 0].astype(np.int64) if discrete else actions)
-            for i in np.flatnonzero(active):
-                steps[i].append({"obs": {k: v[i] for k, v in obs.items()}, "actions": actions[i],
-                                 "rewards": np.float32(rewards[i]), "dones": np.uint8(0)})
-            ended = active & (terminated | truncated)
-            segments = envs.call("segments") if ended.any() else None  # before the reset below
-            for i in np.flatnonzero(ended):
-                success = bool(info["success"][i])
-                if success or not only_success:
-                    if writer.num_episodes < num_episodes:
-                        episode = GDict.stack(steps[i])
-                        episode["dones"][-1] = 1
-                        attrs = {"success": success, "seed": seed + int(env_attempt[i]),
-                                 "attempt": int(env_attempt[i]), "source": source}
-                        if env_instruction[i] is not None:
-                            attrs["instruction"] = env_instruction[i]
-                        if segments[i] is not None:
-                            attrs["segments"] = json.dumps(segments[i])
-                        if env_clauses[i] is not None:
-                            attrs["sub_instructions"] = json.dumps(env_clauses[i])
-                        writer.append(episode, attrs)
-                        bar.update(1)
-                else:
-                    rejected += 1
-                steps[i] = []
-            # Reset the finished envs that still have an episode to collect; the others go idle.
-            pending = writer.num_episodes + int((active & ~ended).sum())
-            restart = np.zeros(num_envs, dtype=bool)
-            for i in np.flatnonzero(ended):
-                if pending < num_episodes and attempt < max_attempts:
-                    restart[i], pending = True, pending + 1
-                else:
-                    active[i] = False
-            obs = start(restart, next_obs) if restart.any() else next_obs
-        bar.close()
-    finally:
-        envs.close()
-    if writer.num_episodes < num_episodes:
-        raise ToolkitError(f"the expert succeeded in only {writer.num_episodes} of {attempt} attempts "
-                           f"({rejected} failed); {path} keeps the successful ones. Raise max_attempts "
-                           f"or check the task.")
-    return writer.num_episodes
+            active = np.ones(num_envs, dtype=bool)
+            obs = start(active)
+            while active.any():
+                actions = behaviour_actions()
+                # A vector env of Discrete spaces takes one integer per env; the file keeps [1] float32.
+                next_obs, rewards, terminated, truncated, info = envs.step(
+                    actions[:, 0].astype(np.int64) if discrete else actions)
+                for i in np.flatnonzero(active):
+                    steps[i].append({"obs": {k: v[i] for k, v in obs.items()}, "actions": actions[i],
+                                     "rewards": np.float32(rewards[i]), "dones": np.uint8(0)})
+                ended = active & (terminated | truncated)
+                segments = envs.call("segments") if ended.any() else None  # before the reset below
+                for i in np.flatnonzero(ended):
+                    success = bool(info["success"][i])
+                    if success or not only_success:
+                        if writer.num_episodes < num_episodes:
+                            episode = GDict.stack(steps[i])
+                            episode["dones"][-1] = 1
+                            attrs = {"success": success, "seed": seed + int(env_attempt[i]),
+                                     "attempt": int(env_attempt[i]), "source": source}
+                            if env_instruction[i] is not None:
+                                attrs["instruction"] = env_instruction[i]
+                            if segments[i] is not None:
+                                attrs["segments"] = json.dumps(segments[i])
+                            if env_clauses[i] is not None:
+                                attrs["sub_instructions"] = json.dumps(env_clauses[i])
+                            writer.append(episode, attrs)
+                            bar.update(1)
+                    else:
+                        rejected += 1
+                    steps[i] = []
+                # Reset the finished envs that still have an episode to collect; the others go idle.
+                pending = writer.num_episodes + int((active & ~ended).sum())
+                restart = np.zeros(num_envs, dtype=bool)
+                for i in np.flatnonzero(ended):
+                    if pending < num_episodes and attempt < max_attempts:
+                        restart[i], pending = True, pending + 1
+                    else:
+                        active[i] = False
+                obs = start(restart, next_obs) if restart.any() else next_obs
+            bar.close()
+        finally:
+            envs.close()
+        if writer.num_episodes < num_episodes:
+            raise ToolkitError(f"the expert succeeded in only {writer.num_episodes} of {attempt} attempts "
+                               f"({rejected} failed); {path} keeps the successful ones. Raise max_attempts "
+                               f"or check the task.")
+        return writer.num_episodes
+
 
 
 def collect_from_config(cfg: Any) -> int:
