@@ -1,9 +1,9 @@
 """Language-conditioned policies on BabyAI with SPRINT relabeling, evaluated zero-shot.
 
-    python bench/babyai_language.py [--root DIR] [--level GoToSeqS5R2] [--demos 300] [--steps 1500] [--seeds 0 1 2]
+    python bench/babyai_language.py [--root DIR] [--level GoToSeqS5R2] [--demos 1000] [--steps 2500] [--seeds 0 1 2]
 
 One file of bot demonstrations of a level with composite missions ("go to the red ball, then go to a key",
-"... and ...", "... after you ..."; 1 to 4 clauses), 32 px frames. Missions of more than 2 clauses are held
+"... and ...", "... after you ..."; 1 to 4 clauses), 64 px frames. Missions of more than 2 clauses are held
 out of training (``data.max_sub_instructions=2``). Three setups, each trained with every seed:
 
 1. BC transformer on the original missions only;
@@ -12,7 +12,8 @@ out of training (``data.max_sub_instructions=2``). Three setups, each trained wi
 
 Each trained policy is evaluated by ``python -m toolkit.zero_shot`` (seen missions, unseen combinations of
 seen clauses, chains longer than any in training; by number of clauses). Prints a table of mean success
-(and per seed) and writes it to <root>/babyai_language.md.
+(and per seed) and writes it to <root>/babyai_language.md. A run whose summary and zero-shot results are
+already under --root is not run again, so an interrupted bench continues where it stopped.
 """
 
 from __future__ import annotations
@@ -41,23 +42,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=None)
     parser.add_argument("--level", default="GoToSeqS5R2")
-    parser.add_argument("--demos", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--demos", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--episodes", type=int, default=10, help="zero-shot episodes per category and clause count")
+    parser.add_argument("--episodes", type=int, default=20, help="zero-shot episodes per category and clause count")
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="bench_babyai_"))
-    common = ["env=babyai", f"env.level={args.level}", "env.image_size=32", "env.max_episode_steps=64",
+    common = ["env=babyai", f"env.level={args.level}", "env.image_size=64", "env.max_episode_steps=64",
               f"data.num_demos={args.demos}", "data.max_sub_instructions=2", f"trainer.max_steps={args.steps}",
-              f"trainer.val_check_interval={args.steps}", "callbacks.rollout.video_episodes=0"]
+              f"trainer.val_check_interval={max(1, args.steps // 3)}", "callbacks.rollout.video_episodes=0"]
     results: dict[str, list[dict]] = {}
     for key, label, overrides in SETUPS:
         for seed in args.seeds:
             name = f"{key}_s{seed}"
-            summary = run(name, root, [*common, *overrides, f"seed={seed}"])
             out = root / f"{name}_zero_shot.json"
-            subprocess.run([sys.executable, "-m", "toolkit.zero_shot", summary["last_checkpoint"], "--episodes",
-                            str(args.episodes), "--out", str(out)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+            if out.exists():
+                print(f"{name}: reusing {out}", flush=True)
+            else:
+                summary = run(name, root, [*common, *overrides, f"seed={seed}"])
+                subprocess.run([sys.executable, "-m", "toolkit.zero_shot", summary["last_checkpoint"], "--episodes",
+                                str(args.episodes), "--out", str(out)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
             rows = {(r["category"], r["clauses"]): r for r in json.loads(out.read_text())}
             results.setdefault(label, []).append(rows)
             print(label, seed, {f"{c}/{n}": f"{r['success_rate']:.2f}" for (c, n), r in rows.items()}, flush=True)
