@@ -69,6 +69,8 @@ def test_cli_errors_exit_nonzero_with_one_message(tmp_path):
     assert proc.returncode == 2 and "config field data.batch_size='big': expected int" in proc.stderr
     proc = run_train("collect.enabled=false", root=tmp_path, check=False)
     assert proc.returncode == 2 and "collect.enabled=true" in proc.stderr
+    proc = run_train("data.relabel=[primitve]", root=tmp_path, check=False)
+    assert proc.returncode == 2 and "data.relabel=['primitve']: unknown mode(s) ['primitve']" in proc.stderr
     # nothing was collected by the failing runs
     assert not (tmp_path / "data").exists()
 

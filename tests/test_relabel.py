@@ -87,8 +87,8 @@ def test_relabeling_makes_the_expected_samples_of_a_hand_checked_episode(hand_fi
         (0, 5, "a, then b", True), (2, 6, "b, then c", True),     # aggregates (a, b, c = the original)
     ]
     assert episode_spans(0, 6, "m", segments, ["primitive"], keep_original=False)[0] == Span(0, 0, 2, "a", True)
-    with pytest.raises(ToolkitError, match="unknown mode"):
-        episode_spans(0, 6, "m", segments, ["prim"])
+    with pytest.raises(ToolkitError, match=r"data.relabel=\['prim'\]: unknown mode"):
+        EpisodeDataModule(str(hand_file), relabel=["prim"])
 
     dm = EpisodeDataModule(str(hand_file), history=2, horizon=2, relabel=["primitive", "aggregate"])
     dm.transitions = True

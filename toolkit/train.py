@@ -89,11 +89,11 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(cfg.num_threads)
     action_space = check_env(cfg.env)  # fail fast on a bad env config (unknown task...) before collecting
+    datamodule = instantiate(cfg.data)  # likewise a bad data config (the file is opened in setup)
     collect_start = time.perf_counter()
     ensure_demos(cfg)
     collect_time = time.perf_counter() - collect_start
 
-    datamodule = instantiate(cfg.data)
     adapt_policy_config(cfg, action_space, datamodule)
     encoder = instantiate(cfg.encoder)
     if datamodule.feature_cache and encoder.frozen and not cfg.policy.get("blank_images"):

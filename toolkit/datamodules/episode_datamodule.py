@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from toolkit.datamodules.episode_file import episode_length, episode_names, open_episode_file, read_split
-from toolkit.datamodules.relabel import (Summarizer, chain_spans, episode_clauses, episode_spans, instruction_summary,
-                                         read_segments, spans_array)
+from toolkit.datamodules.relabel import (RELABEL_MODES, Summarizer, chain_spans, episode_clauses, episode_spans,
+                                         instruction_summary, read_segments, spans_array)
 from toolkit.datamodules.video import VIDEO_ATTR
 from toolkit.datamodules.windows import EpisodeChunkSampler, EpochBatchSampler, WindowDataset
 from toolkit.errors import ToolkitError
@@ -83,6 +83,10 @@ class EpisodeDataModule(L.LightningDataModule):
         self.transitions = False
         # SPRINT-style instruction relabeling from the episodes' sub-skill segments (toolkit.datamodules.relabel)
         self.relabel = list(relabel or [])
+        unknown = set(self.relabel) - set(RELABEL_MODES)
+        if unknown:
+            raise ToolkitError(f"data.relabel={self.relabel}: unknown mode(s) {sorted(unknown)}; "
+                               f"use {list(RELABEL_MODES)}")
         self.relabel_keep_original, self.relabel_max_segments = relabel_keep_original, relabel_max_segments
         self.summarizer = summarizer
         self.chain_per_segment, self.chain_tolerance, self.chain_seed = chain_per_segment, chain_tolerance, chain_seed

@@ -100,10 +100,8 @@ def read_segments(attrs, where: str) -> list[dict]:
 
 def episode_spans(episode: int, length: int, instruction: str | None, segments: list[dict], modes: list[str],
                   keep_original: bool = True, max_segments: int = 3, summarize: Summarizer | None = None) -> list[Span]:
-    """The training spans of one episode for the relabel ``modes`` (see the module docstring)."""
-    unknown = set(modes) - set(RELABEL_MODES)
-    if unknown:
-        raise ToolkitError(f"data.relabel={list(modes)}: unknown mode(s) {sorted(unknown)}; use {list(RELABEL_MODES)}")
+    """The training spans of one episode for the relabel ``modes`` (see the module docstring; the
+    datamodule checks the modes against ``RELABEL_MODES``)."""
     summarize = summarize or JoinInstructions()
     spans = [Span(episode, 0, length, instruction, False)] if keep_original else []
     if "primitive" in modes:
