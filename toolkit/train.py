@@ -127,9 +127,13 @@ def train(cfg: DictConfig) -> dict:
         if not Path(ckpt_path).exists():
             raise ToolkitError(f"ckpt_path={ckpt_path} does not exist")
         log.info(f"resuming from {ckpt_path}")
-    fit_start, step_start = time.perf_counter(), trainer.global_step
+    # the step training starts from: fit restores it from the checkpoint (mmap: nothing else is read)
+    step_start = 0 if ckpt_path is None else torch.load(ckpt_path, map_location="cpu", mmap=True,
+                                                        weights_only=False)["global_step"]
+    fit_start = time.perf_counter()
     trainer.fit(policy, datamodule, ckpt_path=ckpt_path)
     fit_time = time.perf_counter() - fit_start
+    trained_steps = trainer.global_step - step_start  # by this process (a resumed run: since its checkpoint)
 
     rollout = callbacks.get("rollout")
     best, last = callbacks.get("best_checkpoint"), callbacks.get("last_checkpoint")
@@ -140,7 +144,8 @@ def train(cfg: DictConfig) -> dict:
         "global_step": trainer.global_step,
         "wall_time_s": time.perf_counter() - start,
         "collect_time_s": collect_time,
-        "train_samples_per_s": (trainer.global_step - step_start) * cfg.data.batch_size / max(train_time, 1e-9),
+        "trained_steps": trained_steps,
+        "train_samples_per_s": trained_steps * cfg.data.batch_size / max(train_time, 1e-9),
         "best_checkpoint": getattr(best, "best_model_path", None) or None,
         "last_checkpoint": getattr(last, "last_model_path", None) or None,
         "logs": [str(lg.log_dir or lg.save_dir) for lg in loggers],
