@@ -186,7 +186,6 @@ def collect(
         return writer.num_episodes
 
 
-
 def collect_from_config(cfg: Any) -> int:
     """``collect`` with the ``env``, ``data`` (path, num_demos) and ``collect`` groups of a config."""
     c = cfg.collect

@@ -3,6 +3,7 @@ config, fit with rollouts at validation, and print a summary."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -32,10 +33,8 @@ def ensure_demos(cfg: DictConfig) -> None:
 
         convert_source(source, path)
         return
-    if cfg.collect.enabled:
-        with collection_lock(path):  # a parallel job of the same sweep may be collecting it right now
-            have, _ = existing_episodes(path)
-    else:
+    # a parallel job of the same sweep may be collecting it right now (no lock file when nothing collects)
+    with collection_lock(path) if cfg.collect.enabled else contextlib.nullcontext():
         have, _ = existing_episodes(path)
     if have >= (cfg.data.num_demos or 1):
         return
