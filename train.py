@@ -3,6 +3,10 @@
 import hydra
 from omegaconf import DictConfig
 
+from toolkit.config import register_resolvers
+
+register_resolvers()  # before Hydra composes: the data configs name converted files with ${source_name:...}
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:

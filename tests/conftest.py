@@ -12,6 +12,10 @@ import pytest
 # Loading triton (via lightning) after a MuJoCo/EGL context exists segfaults: load it before any test makes an env.
 import lightning  # noqa: F401,E402
 
+from toolkit.config import register_resolvers
+
+register_resolvers()  # configs composed by the tests name converted files with ${source_name:...}
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

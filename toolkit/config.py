@@ -74,3 +74,29 @@ def check_types(node: DictConfig, name: str) -> None:
                 expected = getattr(hints[key], "__name__", str(hints[key]))
                 raise ToolkitError(f"config field {name}.{key}={value!r}: expected {expected}, "
                                    f"got {type(value).__name__}")
+
+
+def source_name(source: DictConfig | dict[str, Any]) -> str:
+    """A file name for a dataset converted from ``data.source``: ``<format>_<folder>_<hash>``, the hash over
+    the absolute source path and every option that changes what is converted, so two sources (or one
+    source read with other options) never share a converted file."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    if isinstance(source, DictConfig):
+        source = OmegaConf.to_container(source, resolve=True)
+    path = Path(str(source["path"])).expanduser().resolve()
+    identity = {k: v for k, v in source.items() if k != "path"} | {"path": str(path)}
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{source['format']}_{path.name or 'root'}_{digest}"
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers the configs use (``${source_name:${data.source}}``); call before composing."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("source_name"):
+        OmegaConf.register_new_resolver("source_name", source_name)

@@ -77,9 +77,9 @@ def convert_source(source: Any, dst: str | Path, progress: bool = True) -> None:
     if dst.exists():
         with h5py.File(dst, "r") as f:
             origin = f["data"].attrs.get("converted_from") if "data" in f else None
-        if origin is not None and origin != src:
-            raise ToolkitError(f"data.path={dst} was converted from {origin}, not data.source.path={src}; "
-                               f"set another data.path")
+        if origin != src and existing_episodes(dst)[0] > 0:  # another source's, or collected (no origin)
+            raise ToolkitError(f"data.path={dst} holds episodes {f'converted from {origin}' if origin else 'not converted from a source'}, "
+                               f"not from data.source.path={src}; set another data.path")
     reader = open_reader(source["format"], src, **dict(source.get("options") or {}))
     if origin == src and existing_episodes(dst)[0] >= len(reader.episode_names()):
         return  # converted before: the file is not touched

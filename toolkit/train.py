@@ -22,9 +22,12 @@ def find_last_checkpoint(log_dir: str | Path, task_name: str) -> Path | None:
     return found[-1] if found else None
 
 
-def ensure_demos(cfg: DictConfig) -> None:
-    """Collect into ``data.path`` until it holds ``data.num_demos`` episodes (a no-op when it does)."""
+def ensure_demos(cfg: DictConfig, env_args: dict | None) -> None:
+    """Collect into ``data.path`` until it holds ``data.num_demos`` episodes (a no-op when it does).
+    ``env_args``: what the run's env writes into episode files (None: ``env=none``, nothing to collect
+    from); a file holding another env's or another dataset's episodes is refused."""
     from toolkit.collect import collect_from_config, collection_lock, existing_episodes
+    from toolkit.data_env_checks import check_collected_file
 
     path = Path(cfg.data.path)
     source = cfg.data.get("source")
@@ -36,8 +39,13 @@ def ensure_demos(cfg: DictConfig) -> None:
     # a parallel job of the same sweep may be collecting it right now (no lock file when nothing collects)
     with collection_lock(path) if cfg.collect.enabled else contextlib.nullcontext():
         have, _ = existing_episodes(path)
+    if env_args is not None:
+        check_collected_file(path, env_args)
     if have >= (cfg.data.num_demos or 1):
         return
+    if env_args is None:
+        raise ToolkitError(f"env=none: nothing to collect from, and data.path={path} holds {have} episodes "
+                           f"(data.num_demos={cfg.data.num_demos}); point data.path at a file, or choose an env")
     if not cfg.collect.enabled:
         raise ToolkitError(f"data.path={path} holds {have} episodes, data.num_demos={cfg.data.num_demos} are "
                            f"needed; collect them (`python -m toolkit.collect`) or set collect.enabled=true")
@@ -76,6 +84,7 @@ def train(cfg: DictConfig) -> dict:
     from hydra.utils import get_class, instantiate
 
     from toolkit.config import check_types
+    from toolkit.data_env_checks import plan_rollouts
     from toolkit.envs.vector import check_env
 
     start = time.perf_counter()
@@ -87,13 +96,15 @@ def train(cfg: DictConfig) -> dict:
 
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(cfg.num_threads)
-    action_space = check_env(cfg.env)  # fail fast on a bad env config (unknown task...) before collecting
+    # fail fast on a bad env config (unknown task...) before collecting; env=none: no env (no rollouts)
+    # (debug configs may leave env fields without a _target_ behind env=none)
+    spec = check_env(cfg.env) if cfg.get("env") and cfg.env.get("_target_") else None
     datamodule = instantiate(cfg.data)  # likewise a bad data config (the file is opened in setup)
     collect_start = time.perf_counter()
-    ensure_demos(cfg)
+    ensure_demos(cfg, None if spec is None else spec.env_args)
     collect_time = time.perf_counter() - collect_start
 
-    adapt_policy_config(cfg, action_space, datamodule)
+    adapt_policy_config(cfg, None if spec is None else spec.action_space, datamodule)
     encoder = instantiate(cfg.encoder)
     if datamodule.feature_cache and encoder.frozen and not cfg.policy.get("blank_images"):
         from toolkit.encoders.cache import build_feature_cache
@@ -104,13 +115,14 @@ def train(cfg: DictConfig) -> dict:
         log.info(f"training on cached {type(encoder).__name__} features: {datamodule.feature_path}")
     datamodule.transitions = getattr(get_class(cfg.policy._target_), "needs_transitions", False)
     datamodule.setup("fit")
+    plan_rollouts(cfg, spec, datamodule.shape_meta)  # env=none, or a dataset from elsewhere: no rollouts
     # _convert_="all": the policy's hyperparameters (saved in checkpoints) stay plain Python containers
     policy = instantiate(cfg.policy, encoder=encoder, shape_meta=datamodule.shape_meta,
                          stats=datamodule.stats, _convert_="all")
     policy.toolkit_cfg = OmegaConf.to_container(cfg, resolve=True)
     policy.language = datamodule.language
     policy.trained_instructions = datamodule.instruction_summary if datamodule.language is not None else None
-    callbacks = {name: instantiate(c) for name, c in (cfg.get("callbacks") or {}).items()}
+    callbacks = {name: instantiate(c) for name, c in (cfg.get("callbacks") or {}).items() if c is not None}
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False)
 

@@ -3,6 +3,7 @@ still until the caller resets them with ``options={"reset_mask": ...}``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -17,14 +18,27 @@ def make_env(env_cfg: dict[str, Any]) -> gym.Env:
     return instantiate(env_cfg)
 
 
-def check_env(env_cfg: DictConfig | dict) -> gym.Space:
+@dataclass(frozen=True)
+class EnvSpec:
+    """What a run needs to know of its env before training: spaces, and ``env_args`` (what the env writes
+    into episode files, to check that a data file holds this env's episodes)."""
+
+    action_space: gym.Space
+    observation_space: gym.Space
+    env_args: dict[str, Any]
+
+
+def check_env(env_cfg: DictConfig | dict) -> EnvSpec:
     """Build and close one env in this process, so a bad env config fails here with its message
-    instead of inside a vector env's worker. Returns its action space."""
+    instead of inside a vector env's worker."""
     if isinstance(env_cfg, DictConfig):
         env_cfg = OmegaConf.to_container(env_cfg, resolve=True)
     env = make_env(env_cfg)
-    env.close()
-    return env.action_space
+    try:
+        env_args = env.env_args() if hasattr(env, "env_args") else {}
+        return EnvSpec(env.action_space, env.observation_space, env_args)
+    finally:
+        env.close()
 
 
 def make_vector_env(env_cfg: DictConfig | dict, num_envs: int) -> gym.vector.VectorEnv:
