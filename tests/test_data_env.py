@@ -94,8 +94,9 @@ def test_debug_runs_on_different_data_never_share_a_file(lerobot_dir, tmp_path):
     assert not (tmp_path / "data" / "debug_drawer-open-v3_corner4_64px.hdf5").exists()
 
 
-def test_env_none_trains_without_rollouts_on_val_loss(lerobot_dir, tmp_path):
-    proc = run_train("env=none", "data=lerobot", f"data.source.path={lerobot_dir}", root=tmp_path)
+@pytest.mark.parametrize("switch", ["env=none", "~callbacks.rollout"])
+def test_without_rollouts_checkpoints_follow_val_loss(switch, lerobot_dir, tmp_path):
+    proc = run_train(switch, "data=lerobot", f"data.source.path={lerobot_dir}", root=tmp_path)
     s = summary_of(tmp_path)
     assert "rollout/success_rate" not in s and s["global_step"] == 4
     assert "valloss" in Path(s["best_checkpoint"]).name and Path(s["last_checkpoint"]).exists()

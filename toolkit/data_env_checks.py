@@ -105,11 +105,12 @@ def train_without_rollouts(cfg: DictConfig, why: str) -> None:
 
 def plan_rollouts(cfg: DictConfig, spec, shape_meta: dict[str, Any]) -> None:
     """Turn rollouts off when there is no env (``env=none``) or, unless the env was asked for explicitly,
-    when the dataset does not fit it; an explicitly chosen env that does not fit is an error naming both."""
+    when the dataset does not fit it (without a rollout callback, checkpoints follow ``val/loss`` too); an explicitly chosen env that does not fit is an error naming both."""
     if spec is None:
         train_without_rollouts(cfg, "env=none")
         return
-    if not (cfg.get("callbacks") or {}).get("rollout"):
+    if not (cfg.get("callbacks") or {}).get("rollout"):  # removed: ~callbacks.rollout
+        train_without_rollouts(cfg, "no rollout callback")
         return
     problems = rollout_mismatches(shape_meta, spec.observation_space, spec.action_space)
     if not problems:
