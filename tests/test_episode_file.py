@@ -16,7 +16,10 @@ import pytest
 
 from gdict import GDict
 from toolkit.collect import collect, existing_episodes
-from toolkit.datamodules.episode_file import EpisodeWriter, episode_length, episode_names, open_episode_file, split_masks
+from toolkit.datamodules.episode_file import (EpisodeWriter, check_next_obs, episode_length, episode_names, obs_group,
+                                               open_episode_file, split_masks, toolkit_env_args)
+from toolkit.datamodules.video import create_video_dataset, encode_video
+from toolkit.formats.hdf5 import HDF5Reader
 from toolkit.datamodules.windows import WindowDataset
 from toolkit.errors import ToolkitError
 
@@ -27,8 +30,10 @@ def test_collected_file_has_the_robomimic_layout(tiny_file):
     with h5py.File(tiny_file) as f:
         names = episode_names(f)
         assert names == ["demo_0", "demo_1", "demo_2"]
-        env_args = json.loads(f["data"].attrs["env_args"])
-        assert env_args["env_name"] == "drawer-open-v3" and env_args["type"] == "metaworld"
+        env_args = json.loads(f["data"].attrs["env_args"])  # robomimic's env metadata: GYM_TYPE, ours under toolkit
+        assert env_args == {"env_name": "drawer-open-v3", "type": 2, "toolkit": {"type": "metaworld"},
+                            "env_kwargs": {"camera": "corner4", "image_size": 32, "max_episode_steps": 12}}
+        assert toolkit_env_args(env_args)["type"] == "metaworld"
         total = 0
         for n in names:
             g = f["data"][n]
@@ -40,6 +45,11 @@ def test_collected_file_has_the_robomimic_layout(tiny_file):
             assert g["dones"][-1] == 1 and g["dones"][:-1].sum() == 0
             assert g["rewards"].shape == (length,)
             assert g.attrs["source"] == "expert"
+            for key in ("rgb_corner4", "state"):  # next_obs: obs shifted by one step, the last repeated, no copy
+                nxt, obs = g[f"next_obs/{key}"], g[f"obs/{key}"][()]
+                assert nxt.is_virtual and nxt.id.get_storage_size() == 0
+                np.testing.assert_array_equal(nxt[()], np.concatenate([obs[1:], obs[-1:]]))
+                np.testing.assert_array_equal(nxt[3:5], obs[4:6])
         assert int(f["data"].attrs["total"]) == total
         assert [m.decode() for m in f["mask/valid"][()]] == ["demo_1"]
         assert [m.decode() for m in f["mask/train"][()]] == ["demo_0", "demo_2"]
@@ -82,6 +92,10 @@ def test_writer_refuses_episodes_of_another_env(tiny_file, tmp_path):
     shutil.copy(tiny_file, path)
     with pytest.raises(ToolkitError, match="another environment"):
         EpisodeWriter(path, {"env_name": "door-open-v3", "type": "metaworld", "env_kwargs": {}})
+    with h5py.File(path) as f:
+        stored = json.loads(f["data"].attrs["env_args"])
+    EpisodeWriter(path, toolkit_env_args(stored))  # the same env, in our form or as stored
+    EpisodeWriter(path, stored)
 
 
 def test_append_keeps_earlier_episodes(tmp_path):
@@ -128,6 +142,10 @@ def test_interrupted_collection_leaves_a_readable_file(tmp_path, sig):
         for n in episode_names(f):
             episode_length(f, n)
             assert f["data"][n]["obs/rgb_corner4"][()].shape[0] == f["data"][n].attrs["num_samples"]
+            state = f["data"][n]["obs/state"][()]  # next_obs, as robomimic reads it, maps each finished episode
+            np.testing.assert_array_equal(f["data"][n]["next_obs/state"][()], np.concatenate([state[1:], state[-1:]]))
+    with h5py.File(path, "r", swmr=True, libver="latest") as f:  # how robomimic's SequenceDataset opens it
+        assert f["data/demo_0/next_obs/rgb_corner4"].shape == f["data/demo_0/obs/rgb_corner4"].shape
 
 
 def existing_episodes_safe(path: Path) -> int:
@@ -154,3 +172,90 @@ def test_mixed_quality_file_records_each_source(tmp_path):
     assert (np.abs(noisy) <= 1.0).all() and len(np.unique(noisy[:, 3])) > 1  # the expert's gripper is constant
     with pytest.raises(ToolkitError, match="collect.policy='scripted'"):
         collect(TINY_ENV, path, num_episodes=5, policy="scripted")
+
+
+def small_episode(n: int, rng: np.random.Generator) -> GDict:
+    return GDict({"obs": {"rgb_wrist": rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
+                          "state": rng.normal(size=(n, 3)).astype(np.float32)},
+                  "actions": rng.normal(size=(n, 2)).astype(np.float32), "rewards": np.zeros(n, np.float32),
+                  "dones": np.eye(1, n, n - 1, dtype=np.uint8)[0]})
+
+
+def test_sidecar_cameras_leave_no_dataset_that_reads_as_frames(tmp_path):
+    """An MP4-stored camera is absent from obs/ (a KeyError for tools unaware of the sidecars), named by
+    a marker; our readers see it as a camera and decode it."""
+    rng = np.random.default_rng(0)
+    episodes = [small_episode(n, rng) for n in (4, 6)]
+    path = tmp_path / "side.hdf5"
+    writer = EpisodeWriter(path, {"env_name": "x", "type": "t", "env_kwargs": {}}, video={"lossless": True})
+    for ep in episodes:
+        writer.append(ep, {"success": False})
+    with h5py.File(path) as f:
+        g = f["data/demo_1"]
+        assert sorted(g["obs"]) == ["state"] and sorted(g["next_obs"]) == ["state"]
+        with pytest.raises(KeyError, match="rgb_wrist"):
+            g["obs/rgb_wrist"]
+        assert "side_videos/demo_1/rgb_wrist.mp4" in g["obs"].attrs["sidecar_videos"]
+        assert g["videos/rgb_wrist"][()].decode() == "side_videos/demo_1/rgb_wrist.mp4"
+        obs = obs_group(g)
+        assert list(obs) == ["rgb_wrist", "state"] and "rgb_wrist" in obs and "depth" not in obs
+        cam = obs["rgb_wrist"]
+        assert cam.shape == (6, 16, 16, 3) and cam.dtype == np.uint8 and len(cam) == 6
+        assert cam.name == "/data/demo_1/obs/rgb_wrist"
+        frames = episodes[1]["obs"]["rgb_wrist"]
+        np.testing.assert_array_equal(cam[()], frames)
+        np.testing.assert_array_equal(cam[2:4], frames[2:4])
+        np.testing.assert_array_equal(cam[-1], frames[-1])
+        np.testing.assert_array_equal(cam[[0, 5], 3], frames[[0, 5], 3])
+        assert episode_length(f, "demo_1") == 6
+        with pytest.raises(KeyError, match="no obs key 'rgb_top'"):
+            obs["rgb_top"]
+    window = WindowDataset(path, ["demo_0", "demo_1"], ["rgb_wrist", "state"], 2, 1)[5]
+    np.testing.assert_array_equal(window["obs"]["rgb_wrist"][-1].numpy(), frames[1].transpose(2, 0, 1))
+    np.testing.assert_array_equal(HDF5Reader(path).read_episode("demo_0").obs["rgb_wrist"], episodes[0]["obs"]["rgb_wrist"])
+
+
+def test_files_of_the_earlier_layout_still_read_and_grow(tmp_path):
+    """Files written before next_obs, sidecar markers and robomimic's env type: a placeholder dataset per
+    MP4 camera, env_args with our type name. They read as before; appends add episodes of the new layout."""
+    rng = np.random.default_rng(1)
+    old_args = {"env_name": "x", "type": "metaworld", "env_kwargs": {"k": 1}}
+    path = tmp_path / "old.hdf5"
+    episodes = [small_episode(n, rng) for n in (5, 3)]
+    with h5py.File(path, "w") as f:  # the old writer's output, by hand
+        data = f.create_group("data")
+        data.attrs.update({"env_args": json.dumps(old_args), "total": 5, "video": json.dumps({"lossless": True})})
+        g = data.create_group("demo_0")
+        frames = episodes[0]["obs"]["rgb_wrist"]
+        encode_video(tmp_path / "old_videos/demo_0/rgb_wrist.mp4", frames, lossless=True)
+        GDict({k: v for k, v in episodes[0].memory.items() if k != "obs"}).to_hdf5(g)
+        g["obs/state"] = episodes[0]["obs"]["state"]
+        create_video_dataset(g["obs"], "rgb_wrist", frames, "old_videos/demo_0/rgb_wrist.mp4")
+        g.attrs["num_samples"] = 5
+    reader = HDF5Reader(path)
+    assert reader.env_args == old_args
+    np.testing.assert_array_equal(reader.read_episode("demo_0").obs["rgb_wrist"], frames)
+    EpisodeWriter(path, old_args).append(episodes[1], {"success": True})  # the same env: appends
+    with h5py.File(path) as f:
+        assert "rgb_wrist" in f["data/demo_0/obs"] and "rgb_wrist" not in f["data/demo_1/obs"]
+        assert "next_obs" not in f["data/demo_0"] and "next_obs/state" in f["data/demo_1"]
+    reader = HDF5Reader(path)
+    for name, ep in zip(["demo_0", "demo_1"], episodes):
+        np.testing.assert_array_equal(reader.read_episode(name).obs["rgb_wrist"], ep["obs"]["rgb_wrist"])
+    windows = WindowDataset(path, ["demo_0", "demo_1"], ["rgb_wrist", "state"], 2, 1)
+    assert len(windows) == 8 and windows[7]["obs"]["rgb_wrist"].shape == (2, 3, 16, 16)
+
+
+def test_a_copied_episode_whose_next_obs_reads_another_is_named(tmp_path):
+    path = tmp_path / "f.hdf5"
+    writer = EpisodeWriter(path, {"env_name": "x", "type": "t", "env_kwargs": {}})
+    rng = np.random.default_rng(2)
+    for n in (3, 4):
+        writer.append(small_episode(n, rng), {})
+    with h5py.File(path, "a") as f:
+        f.copy(f["data/demo_0"], "data/demo_2")  # h5py's copy keeps next_obs mapping /data/demo_0/obs
+        check_next_obs(f, "demo_0")
+        with pytest.raises(ToolkitError, match=r"demo_2: next_obs/\w+ reads .*/data/demo_0/obs"):
+            check_next_obs(f, "demo_2")
+    with pytest.raises(ToolkitError, match="demo_2: next_obs"):
+        HDF5Reader(path).read_episode("demo_2")

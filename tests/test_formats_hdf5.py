@@ -125,7 +125,10 @@ def test_write_robomimic_layout_and_round_trip(tmp_path):
     names = write_robomimic(iter(episodes), path, env_args=env_args)
     assert names == ["demo_0", "demo_1", "demo_2", "demo_3"]
     with h5py.File(path) as f:
-        assert json.loads(f["data"].attrs["env_args"]) == env_args
+        # robomimic's env metadata: its integer env type (GYM_TYPE), our own type kept under "toolkit"
+        assert json.loads(f["data"].attrs["env_args"]) == {"env_name": "drawer-open-v3", "type": 2,
+                                                           "env_kwargs": {"camera": "corner4"},
+                                                           "toolkit": {"type": "metaworld"}}
         assert f["data"].attrs["total"] == 46
         assert [n.decode() for n in f["mask/train"][()]] == ["demo_0", "demo_2", "demo_3"]
         assert [n.decode() for n in f["mask/valid"][()]] == ["demo_1"]  # as split_masks: the 2nd, then every 10th
@@ -134,6 +137,7 @@ def test_write_robomimic_layout_and_round_trip(tmp_path):
         assert sorted(g["next_obs"]) == sorted(g["obs"]) and g["states"].shape == (13, 0)
         np.testing.assert_array_equal(g["next_obs/agentview_image"][:-1], episodes[1].obs["rgb_agentview"][1:])
         np.testing.assert_array_equal(g["next_obs/state"][-1], episodes[1].obs["state"][-1])  # last step repeated
+        assert g["next_obs/agentview_image"].is_virtual  # over obs/, no second copy of the frames
         assert g["actions"].dtype == np.float32 and g["dones"].dtype == np.uint8 and g["rewards"].shape == (13,)
     reader = RobomimicReader(path)
     assert reader.env_args == env_args and reader.episode_names() == names
@@ -165,6 +169,26 @@ def test_robomimic_reader_reads_our_episode_files_inline_and_mp4(tmp_path):
                 np.testing.assert_array_equal(back.obs[key], original.obs[key])
             np.testing.assert_array_equal(back.actions, original.actions)
             assert back.attrs == {"success": True, "seed": 7}
+        assert reader.env_args == {"env_name": "x", "type": "metaworld", "env_kwargs": {}}
+
+
+def test_write_robomimic_keeps_robomimic_env_args_and_names_our_sidecar_cameras(robomimic_file, tmp_path):
+    """A robosuite file converted back keeps robomimic's env metadata as it was; our file with MP4
+    sidecars converts with its frames decoded (inline in the robomimic file)."""
+    reader = RobomimicReader(robomimic_file[0])
+    path = tmp_path / "again.hdf5"
+    write_robomimic((reader.read_episode(n) for n in reader.episode_names()), path, env_args=reader.env_args)
+    with h5py.File(path) as f:
+        assert json.loads(f["data"].attrs["env_args"]) == ROBOMIMIC_ENV_ARGS
+    episode = make_episode(6, {})
+    ours = tmp_path / "ours.hdf5"
+    writer = EpisodeWriter(ours, {"env_name": "x", "type": "metaworld", "env_kwargs": {}}, video={"lossless": True})
+    writer.append(episode.to_gdict(), {})
+    back = RobomimicReader(ours)
+    write_robomimic((back.read_episode(n) for n in back.episode_names()), path, env_args=back.env_args)
+    with h5py.File(path) as f:
+        np.testing.assert_array_equal(f["data/demo_0/obs/agentview_image"][()], episode.obs["rgb_agentview"])
+        np.testing.assert_array_equal(f["data/demo_0/next_obs/wrist_image"][0], episode.obs["rgb_wrist"][1])
 
 
 def copy_robomimic(robomimic_file, tmp_path) -> Path:

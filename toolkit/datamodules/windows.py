@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from toolkit.datamodules.episode_file import episode_length, open_episode_file
+from toolkit.datamodules.episode_file import episode_length, obs_group, open_episode_file
 from toolkit.datamodules.video import DecoderCache, read_images, video_path
 from toolkit.errors import ToolkitError
 
@@ -75,10 +75,10 @@ class WindowDataset(Dataset):
         with open_episode_file(self.path) as f:
             self.lengths = [episode_length(f, name) for name in episodes]
             for name in episodes:
-                missing = [k for k in self.obs_keys if k not in f["data"][name]["obs"]]
+                missing = [k for k in self.obs_keys if k not in obs_group(f["data"][name])]
                 if missing:
                     raise ToolkitError(f"{self.path}: episode {name} has no obs key(s) {missing} "
-                                   f"(it has {sorted(f['data'][name]['obs'])}); check data.obs_keys")
+                                   f"(it has {sorted(obs_group(f['data'][name]))}); check data.obs_keys")
         self.episodes = list(episodes)
         self._length = np.asarray(self.lengths, dtype=np.int64)
         self._offset = np.concatenate([[0], np.cumsum(self._length)[:-1]]).astype(np.int64)  # in the low-dim arrays
@@ -184,7 +184,7 @@ class WindowDataset(Dataset):
         if dataset is None:
             source = self._features if self._features is not None else self._file
             name = f"{key}_features" if self._features is not None else key
-            dataset = self._frames[(e, key)] = source["data"][self.episodes[e]]["obs"][name]
+            dataset = self._frames[(e, key)] = obs_group(source["data"][self.episodes[e]])[name]
         if self._features is not None:
             return dataset[start:stop]
         return self._images(e, key, dataset, slice(start, stop))

@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import torch
 
-from toolkit.datamodules.episode_file import episode_names, open_episode_file
+from toolkit.datamodules.episode_file import episode_names, obs_group, open_episode_file
 from toolkit.datamodules.video import DecoderCache, read_images
 
 
@@ -44,7 +44,7 @@ def dataset_fingerprint(path: Path) -> dict[str, Any]:
 def cache_path(encoder: torch.nn.Module, encoder_cfg: dict, data_path: Path, image_keys: list[str]) -> Path:
     """Where the features of ``encoder`` on ``data_path`` live (the file may not exist yet)."""
     with open_episode_file(data_path) as f:
-        first = f["data"][episode_names(f)[0]]["obs"]
+        first = obs_group(f["data"][episode_names(f)[0]])
         frame_shapes = {k: list(first[k].shape[1:]) for k in image_keys}
     key = {
         "encoder": {k: v for k, v in encoder_cfg.items() if k not in ("freeze", "train_last_blocks")},
@@ -74,11 +74,11 @@ def build_feature_cache(encoder: torch.nn.Module, encoder_cfg: dict, data_path: 
     decoders = DecoderCache()  # frames stored as MP4 sidecars are decoded like a window's
     with open_episode_file(data_path) as src, h5py.File(tmp, "w") as dst:
         names = episode_names(src)
-        total = sum(src["data"][n]["obs"][k].shape[0] for n in names for k in image_keys)
+        total = sum(obs_group(src["data"][n])[k].shape[0] for n in names for k in image_keys)
         bar = tqdm(total=total, desc=f"caching {type(encoder).__name__} features", unit="frame", disable=not progress)
         for name in names:
             for key in image_keys:
-                frames = src["data"][name]["obs"][key]
+                frames = obs_group(src["data"][name])[key]
                 out = None
                 for start in range(0, len(frames), batch_size):
                     x = torch.from_numpy(read_images(frames, slice(start, start + batch_size), decoders)).permute(0, 3, 1, 2)

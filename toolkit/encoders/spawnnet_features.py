@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toolkit.datamodules.episode_file import episode_names, open_episode_file
+from toolkit.datamodules.episode_file import episode_names, obs_group, open_episode_file
 from toolkit.encoders.spawnnet import SpawnNetEncoder
 from toolkit.errors import ToolkitError
 
@@ -45,7 +45,7 @@ def pick_frames(path: Path, camera: str, num: int) -> tuple[list[str], np.ndarra
         index = []
         names = episode_names(f)
         for name in names:
-            obs = f["data"][name]["obs"]
+            obs = obs_group(f["data"][name])
             if camera not in obs:
                 cams = sorted(k for k in obs if k.startswith("rgb_"))
                 raise ToolkitError(f"{path}: episode {name} has no obs/{camera}; cameras: {', '.join(cams) or 'none'}")
@@ -56,7 +56,7 @@ def pick_frames(path: Path, camera: str, num: int) -> tuple[list[str], np.ndarra
         from toolkit.datamodules.video import DecoderCache, read_images
 
         decoders = DecoderCache()
-        frames = np.stack([read_images(f["data"][n]["obs"][camera], [t], decoders)[0] for n, t in picks])
+        frames = np.stack([read_images(obs_group(f["data"][n])[camera], [t], decoders)[0] for n, t in picks])
     return [f"{n}_t{t:04d}" for n, t in picks], frames
 
 

@@ -1,4 +1,6 @@
-"""Our episode files (``data=hdf5``) as a format: frames inline or in MP4 sidecars."""
+"""Our episode files (``data=hdf5``) as a format: frames inline or in MP4 sidecars (layout:
+toolkit.datamodules.episode_file). ``env_args`` in our form (``type`` ``metaworld`` ...), whichever form the
+file stores; each episode's virtual ``next_obs`` is checked to map its own ``obs``."""
 
 from __future__ import annotations
 
@@ -6,7 +8,8 @@ import json
 from pathlib import Path
 
 from gdict import GDict
-from toolkit.datamodules.episode_file import episode_length, episode_names, open_episode_file
+from toolkit.datamodules.episode_file import (check_next_obs, episode_length, episode_names, obs_group,
+                                               open_episode_file, toolkit_env_args)
 from toolkit.datamodules.video import DecoderCache, read_images
 from toolkit.errors import ToolkitError
 from toolkit.formats.episode import Episode
@@ -19,7 +22,7 @@ class HDF5Reader:
         self.path = Path(path)
         self.decoders = DecoderCache(video_backend)
         with open_episode_file(self.path) as f:
-            self.env_args = json.loads(f["data"].attrs.get("env_args", "{}"))
+            self.env_args = toolkit_env_args(json.loads(f["data"].attrs.get("env_args", "{}")))
             self._names = episode_names(f)
 
     def episode_names(self) -> list[str]:
@@ -31,9 +34,10 @@ class HDF5Reader:
                 raise ToolkitError(f"{self.path}: no episode {name}")
             g = f["data"][name]
             episode_length(f, name)  # raises on mismatched lengths, naming the file and episode
+            check_next_obs(f, name)
             try:
                 obs = {k: (read_images(ds, slice(None), self.decoders) if k.startswith("rgb") else ds[()])
-                       for k, ds in g["obs"].items()}
+                       for k, ds in obs_group(g).items()}
                 steps = GDict.from_hdf5(g, keys=[k for k in ("actions", "rewards", "dones") if k in g])
             except (OSError, KeyError) as e:
                 raise ToolkitError(f"{self.path}: episode {name} cannot be read ({e})") from None

@@ -3,7 +3,8 @@
 Layout (robomimic docs, https://robomimic.github.io/docs/datasets/overview.html, "Dataset Structure";
 ``robomimic/utils/file_utils.py`` for ``env_args`` and masks)::
 
-    data/                    attrs: total (steps in the file), env_args (JSON: env_name, type, env_kwargs)
+    data/                    attrs: total (steps in the file), env_args (JSON: env_name, type, env_kwargs;
+                             type is robomimic's EnvType: 1 robosuite, 2 gym, 3 iGibson MoMaRT)
     data/demo_<i>/           attrs: num_samples (steps), model_file (robosuite only)
         obs/<key>            [N, ...]  images uint8 [N, H, W, 3] channel-last, named <camera>_image
         next_obs/<key>       [N, ...]  the observation after each step
@@ -13,27 +14,31 @@ Layout (robomimic docs, https://robomimic.github.io/docs/datasets/overview.html,
         states               [N, D]    raw simulator states (empty or dummy for other simulators)
     mask/<filter key>        demo names as bytes (dtype 'S'); train/valid as written by split_train_val.py
 
-Reader (``RobomimicReader``). Cameras: ``obs/<camera>_image`` becomes ``rgb_<camera>``
-(``agentview_image`` -> ``rgb_agentview``, ``robot0_eye_in_hand_image`` -> ``rgb_robot0_eye_in_hand``);
-our own files' ``obs/rgb_<camera>`` are taken as they are, frames stored as MP4 sidecars included
-(toolkit.datamodules.video); any other uint8 ``[N, H, W, 3]`` key is a camera under its own name. Depth
-and segmentation maps (``*_depth``, ``depth*``, ``*segmentation*``) are not images and not state: they
-are left out. ``state`` float32 ``[N, D]`` is the concatenation, in the given order, of the obs keys
-``state_keys`` each flattened per step; by default every remaining (low-dimensional) obs key, sorted by
-name (e.g. ``object``, ``robot0_eef_pos``, ``robot0_eef_quat``, ``robot0_gripper_qpos``; for our own
-files just ``state``). ``actions`` float32 ``[N, A]``; ``rewards`` float32 (zeros if absent); ``dones``
-uint8: the stored ``dones`` (robomimic marks successes/terminations there) with the last step set to 1.
-``attrs``: the demo group's attributes except ``num_samples`` and ``model_file`` (our files keep
-``success``, ``seed``, ``instruction`` ... there). ``next_obs`` and ``states`` are not read. Options:
-``state_keys``, ``split`` (a mask/filter key such as ``train`` or ``valid``: only its demos, in its
-order; default every demo under ``data/``, demo_2 before demo_10), ``video_backend``.
+Reader (``RobomimicReader``). Cameras: ``obs/<camera>_image`` becomes ``rgb_<camera>`` (``agentview_image`` ->
+``rgb_agentview``, ``robot0_eye_in_hand_image`` -> ``rgb_robot0_eye_in_hand``); our own files'
+``obs/rgb_<camera>`` are taken as they are, frames stored as MP4 sidecars included
+(toolkit.datamodules.video); any other uint8 ``[N, H, W, 3]`` key is a camera under its own name. Depth and
+segmentation maps (``*_depth``, ``depth*``, ``*segmentation*``) are not images and not state: they are left
+out. ``state`` float32 ``[N, D]`` is the concatenation, in the given order, of the obs keys ``state_keys``
+each flattened per step; by default every remaining (low-dimensional) obs key, sorted by name (e.g.
+``object``, ``robot0_eef_pos``, ``robot0_eef_quat``, ``robot0_gripper_qpos``; for our own files just
+``state``; their MP4-stored cameras through ``episode_file.obs_group``). ``actions`` float32 ``[N, A]``;
+``rewards`` float32 (zeros if absent); ``dones`` uint8: the stored ``dones`` (robomimic marks
+successes/terminations there) with the last step set to 1. ``attrs``: the demo group's attributes except
+``num_samples`` and ``model_file`` (our files keep ``success``, ``seed``, ``instruction`` ... there).
+``next_obs`` and ``states`` are not read. ``env_args`` in our form where the file keeps ours under ``toolkit``
+(``toolkit_env_args``), else as stored. Options: ``state_keys``, ``split`` (a mask/filter key such as
+``train`` or ``valid``: only its demos, in its order; default every demo under ``data/``, demo_2 before
+demo_10), ``video_backend``.
 
-Writer (``write_robomimic``): the layout above from our episodes: ``rgb_<camera>`` back to
-``<camera>_image``, ``state`` (and any other obs key) as a low-dimensional key of that name, ``next_obs``
-= obs shifted by one step with the last step repeated, ``states`` an empty ``[N, 0]`` placeholder (no
-simulator states), the episode's attrs as the demo's attributes (non-scalars as JSON), ``mask/train`` and
-``mask/valid`` split like our own files (every ``valid_every``-th episode, starting at the second, to
-validation), ``total`` and ``env_args``. The file is written to a temporary name and moved into place.
+Writer (``write_robomimic``): the layout above from our episodes: ``rgb_<camera>`` back to ``<camera>_image``,
+``state`` (and any other obs key) as a low-dimensional key of that name, ``next_obs`` = obs shifted by one
+step with the last step repeated (as robomimic's D4RL conversion does; virtual datasets over ``obs``, no copy:
+``episode_file.write_next_obs``), ``states`` an empty ``[N, 0]`` placeholder (no simulator states), the
+episode's attrs as the demo's attributes (non-scalars as JSON), ``mask/train`` and ``mask/valid`` split like
+our own files (every ``valid_every``-th episode, starting at the second, to validation), ``total`` and
+``env_args`` (robomimic's integer type, ours kept under ``toolkit``: ``episode_file.robomimic_env_args``). The
+file is written to a temporary name and moved into place.
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ class RobomimicReader:
 
     def __init__(self, path: str | Path, state_keys: str | list[str] | None = None, split: str | None = None,
                  video_backend: str = "decord") -> None:
+        from toolkit.datamodules.episode_file import toolkit_env_args
         from toolkit.datamodules.video import DecoderCache
 
         self.path = Path(path)
@@ -103,7 +109,7 @@ class RobomimicReader:
                 raise ToolkitError(f"{self.path} has no 'data' group: not a robomimic dataset")
             raw = f["data"].attrs.get("env_args")
             try:
-                self.env_args = json.loads(raw) if raw is not None else {
+                self.env_args = toolkit_env_args(json.loads(raw)) if raw is not None else {
                     "env_name": self.path.stem, "type": "robomimic", "env_kwargs": {}}
             except json.JSONDecodeError as e:
                 raise ToolkitError(f"{self.path}: data.attrs['env_args'] is not JSON ({e})") from None
@@ -148,23 +154,25 @@ class RobomimicReader:
         return episode
 
     def _read(self, g: h5py.Group, where: str) -> Episode:
+        from toolkit.datamodules.episode_file import obs_group
         from toolkit.datamodules.video import read_images, video_path
 
         for key in ("obs", "actions"):
             if key not in g:
                 raise ToolkitError(f"{where} has no '{key}' (has: {', '.join(sorted(g.keys()))})")
+        obs_g = obs_group(g)
         actions = np.asarray(g["actions"][()], dtype=np.float32)
         n = len(actions)
         num_samples = int(g.attrs.get("num_samples", n))
         lengths = {"actions": n, **{k: g[k].shape[0] for k in ("rewards", "dones") if k in g},
-                   **{f"obs/{k}": ds.shape[0] for k, ds in g["obs"].items()}}
+                   **{f"obs/{k}": ds.shape[0] for k, ds in obs_g.items()}}
         bad = {k: v for k, v in lengths.items() if v != num_samples}
         if bad:
             raise ToolkitError(f"{where} has mismatched lengths (num_samples={num_samples}): "
                                + ", ".join(f"{k}={v}" for k, v in bad.items()))
         obs: dict[str, np.ndarray] = {}
         low_dim: list[str] = []
-        for key, ds in g["obs"].items():
+        for key, ds in obs_g.items():
             camera = camera_of(key, ds)
             if camera is not None:
                 if video_path(ds) is None:
@@ -184,10 +192,10 @@ class RobomimicReader:
             elif not _NOT_IMAGE_NOT_STATE.search(key):
                 low_dim.append(key)
         keys = self.state_keys if self.state_keys is not None else sorted(low_dim)
-        missing = [k for k in keys if k not in g["obs"]]
+        missing = [k for k in keys if k not in obs_g]
         if missing:
-            raise ToolkitError(f"{where}: state_keys {missing} not in obs (has: {', '.join(sorted(g['obs'].keys()))})")
-        parts = [np.asarray(g["obs"][k][()], dtype=np.float32).reshape(n, -1) for k in keys]
+            raise ToolkitError(f"{where}: state_keys {missing} not in obs (has: {', '.join(obs_g)})")
+        parts = [np.asarray(obs_g[k][()], dtype=np.float32).reshape(n, -1) for k in keys]
         obs["state"] = np.concatenate(parts, axis=1) if parts else np.zeros((n, 0), np.float32)
         rewards = np.asarray(g["rewards"][()], np.float32).reshape(n) if "rewards" in g else np.zeros(n, np.float32)
         dones = (np.asarray(g["dones"][()]).reshape(n) != 0).astype(np.uint8) if "dones" in g else np.zeros(n, np.uint8)
@@ -204,7 +212,7 @@ def _attr(v: Any) -> Any:
 def write_robomimic(episodes: Iterable[Episode], path: str | Path, env_args: dict[str, Any],
                     valid_every: int = 10) -> list[str]:
     """Write ``episodes`` as a robomimic dataset at ``path`` (replacing it); returns the demo names."""
-    from toolkit.datamodules.episode_file import split_masks
+    from toolkit.datamodules.episode_file import robomimic_env_args, split_masks, write_next_obs
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +222,7 @@ def write_robomimic(episodes: Iterable[Episode], path: str | Path, env_args: dic
     try:
         with h5py.File(tmp, "w") as f:
             data = f.create_group("data")
-            data.attrs["env_args"] = json.dumps(env_args)
+            data.attrs["env_args"] = json.dumps(robomimic_env_args(env_args))
             for i, episode in enumerate(episodes):
                 name = f"demo_{i}"
                 episode.check(f"write_robomimic: episode {i}")
@@ -227,13 +235,11 @@ def write_robomimic(episodes: Iterable[Episode], path: str | Path, env_args: dic
                         raise ToolkitError(f"write_robomimic: episode {i}: obs key {key!r} and another both "
                                            f"map to {out!r}")
                     obs[out] = np.asarray(value)
-                for group, shift in (("obs", False), ("next_obs", True)):
-                    og = g.create_group(group)
-                    for key, value in obs.items():
-                        if shift and n:
-                            value = np.concatenate([value[1:], value[-1:]], axis=0)
-                        chunks = (1, *value.shape[1:]) if value.ndim >= 3 and n else None
-                        og.create_dataset(key, data=value, chunks=chunks)
+                og = g.create_group("obs")
+                for key, value in obs.items():
+                    chunks = (1, *value.shape[1:]) if value.ndim >= 3 and n else None
+                    og.create_dataset(key, data=value, chunks=chunks)
+                write_next_obs(g)
                 g.create_dataset("actions", data=np.asarray(episode.actions, np.float32).reshape(n, -1))
                 g.create_dataset("rewards", data=np.asarray(episode.rewards, np.float32).reshape(n))
                 g.create_dataset("dones", data=np.asarray(episode.dones, np.uint8).reshape(n))
