@@ -38,7 +38,7 @@ def test_convert_inline_to_mp4_sidecars_is_exact_and_resumable(tiny_file, tmp_pa
         np.testing.assert_array_equal(a.actions, b.actions)
         assert b.attrs["source_episode"] == name
     with h5py.File(dst) as f:
-        assert "video_path" in f["data/demo_0/obs/rgb_corner4"].attrs
+        assert "video_path" in f["data/demo_0/videos/rgb_corner4"].attrs and "rgb_corner4" not in f["data/demo_0/obs"]
     convert(tiny_file, dst, "hdf5", "hdf5", video={"lossless": True}, progress=False)  # again: nothing appended
     assert len(HDF5Reader(dst).episode_names()) == len(src.episode_names())
 
