@@ -133,7 +133,9 @@ np.savez(out / "arrays.npz", **arrays)
 '''
 
 
-def _compare_python() -> Path:
+@pytest.fixture(scope="module")
+def compare_python() -> Path:
+    """.venv-compare's python: skip without it (before collecting anything), fail without it on CI."""
     if not COMPARE_PYTHON.exists():
         message = (f"{COMPARE_PYTHON} is missing: these tests run robomimic 0.3.0 from .venv-compare; "
                    f"build it with `make compare-venv` (bench/compare_venv.sh)")
@@ -158,9 +160,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def robomimic(files, tmp_path_factory) -> tuple[dict, dict[str, np.ndarray]]:
+def robomimic(compare_python, files, tmp_path_factory) -> tuple[dict, dict[str, np.ndarray]]:
     """Runs SCRIPT once in .venv-compare; returns its results and arrays."""
-    python = _compare_python()
+    python = compare_python
     out = tmp_path_factory.mktemp("robomimic_out")
     script = out / "robomimic_on_our_files.py"
     script.write_text(SCRIPT)
