@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -349,3 +350,157 @@ def test_mismatched_lengths_and_missing_metadata(broken):
     (broken / "meta/tasks.parquet").unlink()
     with pytest.raises(ToolkitError, match=r"meta/tasks\.parquet does not exist"):
         LeRobotReader(broken)
+
+
+# --- LeRobot's default codec (AV1), decoder choice, fps and robot type through conversion -------------------
+
+def _encode_av1(path: Path, frames: np.ndarray, fps: int = FPS) -> None:
+    """A video as LeRobot 0.4 encodes it by default: libsvtav1, yuv420p, crf 30, a keyframe every 2 frames."""
+    import av
+
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libsvtav1", rate=fps, options={"crf": "30", "g": "2"})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+@pytest.fixture(scope="module")
+def av1_fixture(fixture, tmp_path_factory):
+    """The fixture with every video re-encoded as LeRobot's default AV1."""
+    src, episodes = fixture
+    root = tmp_path_factory.mktemp("av1") / "ds"
+    shutil.copytree(src, root)
+    for cam, files in VIDEO_FILES.items():
+        for f, eps in enumerate(files):
+            _encode_av1(root / f"videos/observation.images.{cam}/chunk-000/file-{f:03d}.mp4",
+                        np.concatenate([episodes[i]["frames"][cam] for i in eps]))
+    return root, episodes
+
+
+def test_av1_dataset_reads_by_default_and_decord_fails_clearly(av1_fixture):
+    root, episodes = av1_fixture
+    reader = LeRobotReader(root)  # default video_backend: auto
+    for name, i in (("episode_000002", 2), ("episode_000000", 0)):  # episode 2 starts inside top/file-001
+        ep = reader.read_episode(name)
+        path = root / f"videos/observation.images.top/chunk-000/file-{0 if i == 0 else 1:03d}.mp4"
+        start = 0 if i == 0 else LENGTHS[1]
+        decoder = Decoder(path, "pyav")
+        np.testing.assert_array_equal(ep.obs["rgb_top"], decoder.frames(np.arange(start, start + LENGTHS[i])))
+        decoder.close()
+        np.testing.assert_array_equal(ep.obs["state"], episodes[i]["state"])
+    with pytest.raises(ToolkitError, match=r"observation\.images\.top/chunk-000/file-000\.mp4 is av1, which decord "
+                                           r"cannot decode.*video_backend=auto"):
+        LeRobotReader(root, video_backend="decord").read_episode("episode_000000")
+
+
+def _info(path: Path) -> dict:
+    return json.loads((path / "meta/info.json").read_text())
+
+
+def test_fps_and_robot_type_survive_conversion_to_ours_and_back(fixture, tmp_path):
+    """10 fps 'so100' -> our file (env_args) -> LeRobot again: 10 fps 'so100', timestamps 0.1 s apart."""
+    import h5py
+
+    from toolkit.convert import convert
+    from toolkit.formats.hdf5 import HDF5Reader
+    from toolkit.formats.lerobot import recorded_rate
+
+    root, episodes = fixture
+    ours = tmp_path / "ours.hdf5"
+    convert(root, ours, "lerobot", "hdf5", video={"crf": 18}, progress=False)
+    assert recorded_rate(HDF5Reader(ours).env_args) == (FPS, "so100")
+    with h5py.File(ours) as f:  # the MP4 sidecars are encoded at the dataset's rate too
+        assert json.loads(f["data"].attrs["video"])["fps"] == FPS
+
+    back = tmp_path / "back"
+    convert(ours, back, "hdf5", "lerobot", progress=False)
+    info = _info(back)
+    assert (info["fps"], info["robot_type"]) == (FPS, "so100")
+    data = pq.read_table(back / "data/chunk-000/file-000.parquet")
+    first = data.filter(pc.equal(data.column("episode_index"), 1))
+    np.testing.assert_allclose(first.column("timestamp").to_numpy(), np.arange(LENGTHS[1]) / FPS, atol=1e-6)
+    eps = pq.read_table(back / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
+    assert eps[1]["videos/observation.images.top/from_timestamp"] == pytest.approx(LENGTHS[0] / FPS)
+    reader = LeRobotReader(back)
+    for name, e in zip(reader.episode_names(), episodes):
+        ep = reader.read_episode(name)
+        np.testing.assert_array_equal(ep.obs["state"], e["state"])
+        assert np.abs(ep.obs["rgb_top"].astype(int) - e["frames"]["top"]).mean() < 40  # twice lossy h264 of noise
+
+
+def _no_rate_file(path: Path) -> Path:
+    """One of our files whose env_args record no frame rate (as collected from a simulator)."""
+    from toolkit.datamodules.episode_file import EpisodeWriter
+
+    writer = EpisodeWriter(path, {"env_name": "sim", "type": "toolkit", "env_kwargs": {}})
+    for e in _our_episodes():
+        writer.append(e.to_gdict(), {"success": bool(e.attrs["success"])})
+    return path
+
+
+def test_fps_and_robot_type_flags(fixture, tmp_path, caplog):
+    from toolkit.convert import convert
+
+    root, _ = fixture
+    ours = tmp_path / "ours.hdf5"
+    convert(root, ours, "lerobot", "hdf5", progress=False)
+    caplog.set_level("WARNING", logger="toolkit")
+    convert(ours, tmp_path / "same", "hdf5", "lerobot", fps=FPS, robot_type="so100", progress=False)
+    assert not caplog.records  # the source's own values: nothing to say
+    convert(ours, tmp_path / "fast", "hdf5", "lerobot", fps=30, robot_type="koch", progress=False)
+    assert (_info(tmp_path / "fast")["fps"], _info(tmp_path / "fast")["robot_type"]) == (30, "koch")
+    assert "--fps 30 overrides the source's 10 fps: its timestamps will run 3x as fast" in caplog.text
+    assert "--robot-type koch overrides the source's robot type so100" in caplog.text
+
+    caplog.clear()
+    sim = _no_rate_file(tmp_path / "sim.hdf5")
+    convert(sim, tmp_path / "default", "hdf5", "lerobot", progress=False)
+    assert (_info(tmp_path / "default")["fps"], _info(tmp_path / "default")["robot_type"]) == (20, None)
+    assert "records no frame rate: writing 20 fps (pass --fps to set it)" in caplog.text
+    caplog.clear()
+    convert(sim, tmp_path / "given", "hdf5", "lerobot", fps=15, robot_type="sawyer", progress=False)
+    assert (_info(tmp_path / "given")["fps"], _info(tmp_path / "given")["robot_type"]) == (15, "sawyer")
+    assert not caplog.records
+    data = pq.read_table(tmp_path / "given/data/chunk-000/file-000.parquet")
+    assert data.column("timestamp").to_pylist()[:3] == pytest.approx([0, 1 / 15, 2 / 15])
+
+    with pytest.raises(ToolkitError, match="--fps/--robot-type .* --to hdf5 has neither"):
+        convert(ours, tmp_path / "x.hdf5", "lerobot", "hdf5", fps=10)
+    with pytest.raises(ToolkitError, match="--fps 0: must be a positive"):
+        convert(ours, tmp_path / "zero", "hdf5", "lerobot", fps=0)
+
+
+def test_cli_video_backend_flag(av1_fixture, tmp_path, capsys):
+    """`--video-backend` reaches the reader; decord on AV1 fails naming the file, leaving no output file."""
+    import subprocess
+    import sys
+
+    from toolkit.convert import merge_video_backend
+    from toolkit.validate import main as validate_main
+
+    root, _ = av1_fixture
+    out = tmp_path / "out.hdf5"
+    proc = subprocess.run([sys.executable, "-m", "toolkit.convert", str(root), str(out), "--from", "lerobot",
+                           "--video-backend", "decord"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "file-000.mp4 is av1, which decord cannot decode" in proc.stderr and "--video-backend auto" in proc.stderr
+    assert not out.exists()
+    assert validate_main([str(root), "--format", "lerobot", "--video-backend", "pyav"]) == 0
+    assert "no problems found" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse: not a backend
+        validate_main([str(root), "--format", "lerobot", "--video-backend", "opencv"])
+    with pytest.raises(ToolkitError, match="disagree"):
+        merge_video_backend({"video_backend": "pyav"}, "decord")
+
+
+def test_data_lerobot_config_passes_the_video_backend_to_the_source():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for overrides, want in (([], "auto"), (["data.video_backend=pyav"], "pyav")):
+            cfg = compose("train", overrides=["data=lerobot", "data.source.path=/x/ds", *overrides])
+            assert cfg.data.video_backend == cfg.data.source.options.video_backend == want

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from gdict import GDict
-from toolkit.datamodules.episode_file import EpisodeWriter, episode_names
+from toolkit.datamodules.episode_file import EpisodeWriter, episode_names, obs_group
 from toolkit.datamodules.video import VIDEO_ATTR, Decoder, DecoderCache, encode_video, read_images, video_path
 from toolkit.datamodules.windows import WindowDataset
 from toolkit.errors import ToolkitError
@@ -43,12 +43,12 @@ def lossless_file(tiny_file, tmp_path_factory):
 def test_sidecar_layout_and_lossless_round_trip(lossless_file):
     path, episodes = lossless_file
     with h5py.File(path) as f:
-        g = f["data/demo_0/obs/rgb_corner4"]
+        g = obs_group(f["data/demo_0"])["rgb_corner4"]
         assert g.shape == episodes[0]["obs"]["rgb_corner4"].shape and g.attrs[VIDEO_ATTR] == "lossless_videos/demo_0/rgb_corner4.mp4"
-        assert g.id.get_storage_size() == 0  # no pixels in the HDF5 file
+        assert "rgb_corner4" not in f["data/demo_0/obs"]  # no pixels, and nothing that reads as pixels, in the file
         assert video_path(g).exists() and json.loads(f["data"].attrs["video"])["lossless"]
         for backend in BACKENDS:
-            frames = read_images(f["data/demo_1/obs/rgb_corner4"], slice(None), DecoderCache(backend))
+            frames = read_images(obs_group(f["data/demo_1"])["rgb_corner4"], slice(None), DecoderCache(backend))
             np.testing.assert_array_equal(frames, episodes[1]["obs"]["rgb_corner4"])
         # state and actions stay inline and untouched
         np.testing.assert_array_equal(f["data/demo_1/obs/state"][()], episodes[1]["obs"]["state"])
@@ -75,7 +75,7 @@ def test_lossy_mp4_is_close_and_smaller(tiny_file, tmp_path):
     path = tmp_path / "lossy.hdf5"
     episodes = copy_episodes(tiny_file, path, {"crf": 18})
     with h5py.File(path) as f:
-        decoded = read_images(f["data/demo_0/obs/rgb_corner4"], slice(None))
+        decoded = read_images(obs_group(f["data/demo_0"])["rgb_corner4"], slice(None))
     error = np.abs(decoded.astype(int) - episodes[0]["obs"]["rgb_corner4"].astype(int))
     assert error.mean() < 5.0, error.mean()  # 32 px frames: ~3.7 of 255 at crf 18
     inline_bytes = episodes[0]["obs"]["rgb_corner4"].nbytes
@@ -119,9 +119,9 @@ def test_missing_and_short_videos_name_the_file_and_episode(tiny_file, tmp_path)
     encode_video(tmp_path / "broken_videos/demo_1/rgb_corner4.mp4", np.zeros((3, 32, 32, 3), np.uint8), lossless=True)
     with h5py.File(path) as f:
         with pytest.raises(ToolkitError, match="broken_videos/demo_0/rgb_corner4.mp4 does not exist"):
-            read_images(f["data/demo_0/obs/rgb_corner4"], slice(0, 2))
+            read_images(obs_group(f["data/demo_0"])["rgb_corner4"], slice(0, 2))
         with pytest.raises(ToolkitError, match=r"has 3 frames but /data/demo_1/obs/rgb_corner4 declares 12"):
-            read_images(f["data/demo_1/obs/rgb_corner4"], slice(0, 2))
+            read_images(obs_group(f["data/demo_1"])["rgb_corner4"], slice(0, 2))
     (tmp_path / "garbage.mp4").write_bytes(b"not a video")
     for backend in BACKENDS:
         with pytest.raises(ToolkitError, match="garbage.mp4 cannot be decoded"):
@@ -165,7 +165,7 @@ def test_train_collects_mp4_episodes_and_trains_from_them_with_workers(tmp_path)
     run_train("collect.video=true", "data.num_workers=2", "~callbacks.progress_bar", root=tmp_path)
     (data,) = (tmp_path / "data").glob("*.hdf5")
     with h5py.File(data) as f:
-        assert all(f[f"data/{n}/obs/rgb_corner4"].attrs[VIDEO_ATTR].endswith(".mp4") for n in episode_names(f))
+        assert all(obs_group(f[f"data/{n}"])["rgb_corner4"].attrs[VIDEO_ATTR].endswith(".mp4") for n in episode_names(f))
     summary = json.loads(next((tmp_path / "logs").glob("*/runs/*/summary.json")).read_text())
     assert summary["global_step"] == 4 and "rollout/success_rate" in summary
 
@@ -199,3 +199,61 @@ def test_datamodule_draws_mp4_windows_in_episode_chunks(lossless_file):
     off = EpisodeDataModule(str(path), batch_size=4, video_chunk_episodes=0)
     off.setup("fit")
     assert off.train_set.decoded_episodes == 0 and not isinstance(off.train_dataloader().sampler.chunks, EpisodeChunkSampler)
+
+
+def _encode(path, frames: np.ndarray, codec: str, pix_fmt: str = "yuv420p", fps: int = 10, **options: str) -> None:
+    """A video as another tool writes it (LeRobot 0.4: libsvtav1, yuv420p, crf 30, g 2)."""
+    import av
+
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=fps, options=options)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _smooth_frames(n: int = 12, size: int = 64) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    return np.stack([np.stack([(xx * 4 + 8 * i) % 256, (yy * 4) % 256, (xx + yy + 5 * i) % 256], -1)
+                     for i in range(n)]).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def codec_videos(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("codecs")
+    frames = _smooth_frames()
+    videos = {}
+    for codec, name, options in (("libsvtav1", "av1", {"crf": "30", "g": "2"}), ("libx265", "hevc", {"x265-params": "log-level=none"}),
+                                 ("libvpx-vp9", "vp9", {}), ("mpeg4", "mpeg4", {})):
+        videos[name] = root / f"{name}.mp4"
+        _encode(videos[name], frames, codec, **options)
+    videos["h264"] = root / "h264.mp4"
+    encode_video(videos["h264"], frames, fps=10)
+    return videos
+
+
+def test_auto_decodes_every_codec_and_picks_decord_where_it_can(codec_videos):
+    """decord reads h264/hevc/vp9/mpeg4 exactly as PyAV does; AV1 (LeRobot's default) goes to PyAV."""
+    from toolkit.datamodules.video import DECORD_CODECS, probe_codec
+
+    for name, path in codec_videos.items():
+        assert probe_codec(path) == name
+        auto, pyav = Decoder(path, "auto"), Decoder(path, "pyav")
+        assert auto.backend == ("decord" if name in DECORD_CODECS else "pyav"), name
+        assert auto.num_frames == pyav.num_frames == 12
+        np.testing.assert_array_equal(auto.frames(np.arange(12)), pyav.frames(np.arange(12)))
+        np.testing.assert_array_equal(auto.frames([9, 2, 2, 11]), pyav.frames(np.arange(12))[[9, 2, 2, 11]])  # seeks
+        if name in DECORD_CODECS:  # explicitly asked for, decord decodes it
+            np.testing.assert_array_equal(Decoder(path, "decord").frames([0, 7]), pyav.frames([0, 7]))
+        auto.close(), pyav.close()
+    assert "av1" not in DECORD_CODECS
+
+
+def test_decord_on_av1_names_the_file_codec_and_fix(codec_videos):
+    with pytest.raises(ToolkitError, match=r"video .*av1\.mp4 is av1, which decord cannot decode.*video_backend=auto") as e:
+        Decoder(codec_videos["av1"], "decord")
+    assert "cannot find video stream" not in str(e.value)  # not decord's own words
+    cache = DecoderCache()  # the default is auto, in caches and readers alike
+    assert cache.backend == "auto" and cache.get(codec_videos["av1"]).backend == "pyav"
+    cache.close()

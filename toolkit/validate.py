@@ -3,6 +3,9 @@ problem is listed at once instead of stopping at the first.
 
     python -m toolkit.validate data/drawer-open-v3_corner4_64px.hdf5
     python -m toolkit.validate /data/spoc --format spoc --option split=val
+    python -m toolkit.validate /data/so100_pick --format lerobot [--video-backend pyav]
+
+Videos are decoded by ``--video-backend`` (default ``auto``: a decoder chosen per file from its codec).
 
 Exit status 0 when no problem was found, 1 otherwise.
 """
@@ -73,17 +76,21 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from toolkit.convert import FORMATS, _parse_options, open_reader
+    from toolkit.convert import (FORMATS, _log_to_stderr, _parse_options, add_video_backend, merge_video_backend,
+                                 open_reader)
     from toolkit.errors import exit_on_user_error
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path")
     parser.add_argument("--format", default="hdf5", choices=list(FORMATS))
     parser.add_argument("--option", action="append", default=[], help="reader option key=value (repeatable)")
+    add_video_backend(parser)
     args = parser.parse_args(argv)
+    _log_to_stderr()
     console = Console()
     with exit_on_user_error():
-        reader = open_reader(args.format, Path(args.path), **_parse_options(args.option))
+        reader = open_reader(args.format, Path(args.path),
+                             **merge_video_backend(_parse_options(args.option), args.video_backend))
         summary, problems = validate(reader)
     table = Table(title=f"{args.path} ({args.format})", show_header=False)
     for key, value in summary.items():

@@ -1,15 +1,27 @@
 """MP4 sidecars: camera frames of an episode stored as one MP4 per camera next to the episode file.
 
-In the episode file an MP4-stored camera keeps its dataset ``data/demo_<i>/obs/rgb_<camera>`` with its
-full shape ``[L, H, W, 3]`` but no data written (chunked, never allocated: a few bytes), and the
-attribute ``video_path``: the MP4's path relative to the episode file's folder. Shapes, lengths and keys
-therefore read as for inline frames; pixels come from ``read_images``, which decodes only the frames a
-window needs with one of three backends (``data.video_backend``): decord (default), PyAV or torchcodec.
-Open decoders are kept in a small per-process LRU cache (each DataLoader worker has its own).
+In the episode file an MP4-stored camera has no ``obs/rgb_<camera>`` dataset (a tool unaware of the
+sidecars gets a KeyError, never frames of zeros) but a marker ``data/demo_<i>/videos/rgb_<camera>`` with
+the attribute ``video_path``: the MP4's path relative to the episode file's folder
+(toolkit.datamodules.episode_file; its ``obs_group`` shows the camera as a dataset-shaped
+``SidecarCamera``, so shapes, lengths and keys read as for inline frames). Files of the earlier layout
+keep an unallocated placeholder ``obs/rgb_<camera>`` with that attribute (``create_video_dataset``) and
+read the same. Pixels come from ``read_images``, which decodes only the frames a
+window needs with one of three decoders (``data.video_backend``): decord, PyAV or torchcodec, or ``auto``,
+which picks one per file from its codec. Open decoders are kept in a small per-process LRU cache (each
+DataLoader worker has its own).
+
+Codecs: decord 0.6 reads h264, hevc, mpeg4 and vp9 (checked here frame for frame against PyAV) but not
+AV1, which LeRobot 0.4 writes by default; PyAV's wheel decodes AV1 with libdav1d, bit for bit the frames
+LeRobot's own torchcodec decoder returns. ``auto`` probes the codec (PyAV, ~0.3 ms a file) and takes
+decord for the codecs it reads, PyAV for the others (a log line says so, once per codec). An explicit
+``decord`` on a codec it cannot read fails with the file, the codec and the fix, instead of decord's
+"cannot find video stream with wanted index: -1".
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 from collections import OrderedDict
@@ -22,7 +34,63 @@ import numpy as np
 from toolkit.errors import ToolkitError
 
 VIDEO_ATTR = "video_path"
-BACKENDS = ("decord", "pyav", "torchcodec")
+BACKENDS = ("auto", "decord", "pyav", "torchcodec")
+DECORD_CODECS = frozenset({"h264", "hevc", "mpeg4", "vp9"})  # what decord 0.6 decodes (AV1: no)
+log = logging.getLogger(__name__)
+_logged_codecs: set[str] = set()
+
+
+def probe_codec(path: str | Path) -> str:
+    """The codec of a video file's first video stream, as FFmpeg names it (``h264``, ``av1``, ...)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ToolkitError(f"video {path} has no video stream")
+            return container.streams.video[0].codec_context.codec.canonical_name
+    except ToolkitError:
+        raise
+    except Exception as e:
+        raise ToolkitError(f"video {path} cannot be decoded ({type(e).__name__}: {e})") from None
+
+
+def _decord_available() -> bool:
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(path: str | Path, backend: str) -> str:
+    """The decoder ``backend`` means for the video at ``path``: ``auto`` becomes decord where it reads the
+    file's codec, else PyAV; the others are themselves."""
+    if backend not in BACKENDS:
+        raise ToolkitError(f"data.video_backend={backend!r}: use one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    codec = probe_codec(path)
+    if codec in DECORD_CODECS and _decord_available():
+        return "decord"
+    if codec not in _logged_codecs:
+        _logged_codecs.add(codec)
+        log.info("video %s is %s, which decord cannot decode: decoding %s videos with PyAV", path, codec, codec)
+    return "pyav"
+
+
+def _decord_error(path: Path, e: Exception) -> ToolkitError:
+    """decord failed to open ``path``: name the codec and the fix where decord cannot read it."""
+    try:
+        codec = probe_codec(path)
+    except ToolkitError:
+        codec = None
+    if codec is not None and codec not in DECORD_CODECS:
+        return ToolkitError(
+            f"video {path} is {codec}, which decord cannot decode (it reads {', '.join(sorted(DECORD_CODECS))}): "
+            f"choose another decoder: video_backend=auto (picks one per file; data.video_backend=auto in "
+            f"train.py, --video-backend auto for toolkit.convert/validate), pyav or torchcodec")
+    return ToolkitError(f"video {path} cannot be decoded ({type(e).__name__}: {e})")
 
 
 def encode_video(path: str | Path, frames: np.ndarray, fps: int = 20, crf: int = 18, keyframe_interval: int = 8,
@@ -53,18 +121,22 @@ def encode_video(path: str | Path, frames: np.ndarray, fps: int = 20, crf: int =
 class Decoder:
     """Random access to one MP4's frames: ``frames(indices) -> uint8 [n, H, W, 3]``."""
 
-    def __init__(self, path: str | Path, backend: str = "decord") -> None:
+    def __init__(self, path: str | Path, backend: str = "auto") -> None:
         if backend not in BACKENDS:
             raise ToolkitError(f"data.video_backend={backend!r}: use one of {', '.join(BACKENDS)}")
-        self.path, self.backend = Path(path), backend
+        self.path = Path(path)
         if not self.path.exists():
             raise ToolkitError(f"video {self.path} does not exist (referenced by the episode file); "
                                f"restore it or re-collect the episode")
+        self.backend = backend = resolve_backend(self.path, backend)
         try:
             if backend == "decord":
                 import decord
 
-                self._reader = decord.VideoReader(str(self.path), num_threads=1)
+                try:
+                    self._reader = decord.VideoReader(str(self.path), num_threads=1)
+                except Exception as e:  # decord's error for AV1 is "cannot find video stream ... -1"
+                    raise _decord_error(self.path, e) from None
                 self.num_frames = len(self._reader)
             elif backend == "torchcodec":
                 try:
@@ -145,7 +217,7 @@ class DecoderCache:
     """The open decoders of this process, least recently used closed first. Decoders are closed before
     the process forks, and a forked DataLoader worker starts with an empty cache."""
 
-    def __init__(self, backend: str = "decord", max_open: int = 16) -> None:
+    def __init__(self, backend: str = "auto", max_open: int = 16) -> None:
         self.backend, self.max_open = backend, max_open
         self._open: OrderedDict[Path, Decoder] = OrderedDict()
         self._pid = os.getpid()
@@ -198,7 +270,9 @@ def read_images(dataset: h5py.Dataset, index: slice | np.ndarray, cache: Decoder
 
 
 def create_video_dataset(group: h5py.Group, key: str, frames: np.ndarray, rel_path: str) -> h5py.Dataset:
-    """The placeholder dataset of an MP4-stored camera: full shape, no data, ``video_path`` attribute."""
+    """The placeholder dataset of an MP4-stored camera in the earlier layout (full shape, no data,
+    ``video_path`` attribute), which reads as zeros to tools unaware of sidecars: EpisodeWriter no longer
+    writes it (it writes a ``videos/`` marker); kept to build files of that layout in tests."""
     ds = group.create_dataset(key, shape=frames.shape, dtype=np.uint8, chunks=(1, *frames.shape[1:]))
     ds.attrs[VIDEO_ATTR] = rel_path
     return ds

@@ -98,11 +98,14 @@ class LeRobotReader:
     """Episodes of a LeRobot v3.0 dataset directory.
 
     ``state_key``/``action_key`` choose the features read as ``obs/state`` and ``actions``;
-    ``video_backend`` is one of ``toolkit.datamodules.video.BACKENDS``.
+    ``video_backend`` is one of ``toolkit.datamodules.video.BACKENDS``: ``auto`` (default) decodes the
+    AV1 videos LeRobot writes by default with PyAV and h264/hevc ones with decord; ``decord`` on AV1 fails
+    with a message naming the file and the codec. ``env_args`` carries the dataset's ``fps`` and
+    ``robot_type`` (under ``env_kwargs``) into our episode file, and from it back into ``write_lerobot``.
     """
 
     def __init__(self, path: str | Path, state_key: str = "observation.state", action_key: str = "action",
-                 video_backend: str = "decord") -> None:
+                 video_backend: str = "auto") -> None:
         from toolkit.datamodules.video import DecoderCache
 
         self.root = Path(path)
@@ -317,6 +320,14 @@ class LeRobotReader:
 
 
 # --- writing -------------------------------------------------------------------------------------
+
+def recorded_rate(env_args: dict[str, Any] | None) -> tuple[int | None, str | None]:
+    """``(fps, robot_type)`` a dataset recorded, from its ``env_args`` (``env_kwargs``), as ``LeRobotReader``
+    stores them and our episode file keeps them; ``None`` where absent."""
+    kwargs = (env_args or {}).get("env_kwargs") or {}
+    fps, robot = kwargs.get("fps"), kwargs.get("robot_type")
+    return (int(round(float(fps))) if fps is not None else None), (str(robot) if robot else None)
+
 
 def _feature_stats(array: np.ndarray, image: bool = False) -> dict[str, np.ndarray]:
     """lerobot's ``compute_episode_stats`` for one feature: images as channel stats ``[3, 1, 1]`` in [0, 1]."""
