@@ -50,6 +50,10 @@ def check_collected_file(path: Path, env_args: dict[str, Any]) -> None:
         theirs = json.loads(stored) if stored is not None else None
     except (TypeError, ValueError):
         theirs = stored
+    if isinstance(theirs, dict):  # stored in robomimic's form (integer env type, ours under "toolkit")
+        from toolkit.datamodules.episode_file import toolkit_env_args
+
+        theirs = toolkit_env_args(theirs)
     if not isinstance(theirs, dict) or _comparable(theirs) != _comparable(env_args):
         raise ToolkitError(f"data.path={path} holds episodes of another env: the file's env_args are {theirs}, "
                            f"this run's env gives {env_args}; set another data.path (or the env the file was "
