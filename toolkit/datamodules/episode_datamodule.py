@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from toolkit.datamodules.episode_file import episode_length, episode_names, open_episode_file, read_split
+from toolkit.datamodules.episode_file import episode_length, episode_names, obs_group, open_episode_file, read_split
 from toolkit.datamodules.relabel import (RELABEL_MODES, Summarizer, chain_spans, episode_clauses, episode_spans,
                                          instruction_summary, read_segments, spans_array)
 from toolkit.datamodules.video import VIDEO_ATTR
@@ -38,11 +38,13 @@ class ResumableDataLoader(DataLoader):
 
 
 class EpisodeDataModule(L.LightningDataModule):
-    """Uses the first ``num_demos`` episodes of ``path`` (all if None), split by the file's masks."""
+    """Uses the first ``num_demos`` episodes of ``path`` (all if None), split by the file's masks.
+    ``name`` only names the file in the config (``data.path`` is built from it)."""
 
     def __init__(
         self,
         path: str,
+        name: str | None = None,
         num_demos: int | None = None,
         history: int = 2,
         horizon: int = 1,
@@ -100,7 +102,7 @@ class EpisodeDataModule(L.LightningDataModule):
         self.train_set: WindowDataset | None = None
 
     def _keys(self, f) -> list[str]:
-        first_obs = f["data"][episode_names(f)[0]]["obs"]
+        first_obs = obs_group(f["data"][episode_names(f)[0]])
         return self.obs_keys or sorted(k for k in first_obs if k.startswith("rgb") or k == "state")
 
     def image_keys(self) -> list[str]:
@@ -119,7 +121,7 @@ class EpisodeDataModule(L.LightningDataModule):
             train = [n for n in read_split(f, "train") if n in used and self._kept(f, n)]
             valid = [n for n in read_split(f, "valid") if n in used and self._kept(f, n)]
             self.instruction_summary = instruction_summary(f, train)
-            first_obs = f["data"][names[0]]["obs"]
+            first_obs = obs_group(f["data"][names[0]])
             keys = self._keys(f)
             self.video = any(VIDEO_ATTR in first_obs[k].attrs for k in keys if k.startswith("rgb"))
             if "state" not in keys:
