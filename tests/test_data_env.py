@@ -71,6 +71,7 @@ def test_converted_file_names_are_unique_to_source_and_options(tmp_path):
              source_name({**a, "format": "robomimic"})}
     assert len(names) == 5
     assert source_name(a).startswith("lerobot_ds_") and source_name(a) == source_name(dict(a))
+    assert source_name(a) == source_name({**a, "options": {"video_backend": "pyav"}})  # same frames
 
 
 def test_rollout_mismatches_name_both_sides():

@@ -89,7 +89,9 @@ def source_name(source: DictConfig | dict[str, Any]) -> str:
     if isinstance(source, DictConfig):
         source = OmegaConf.to_container(source, resolve=True)
     path = Path(str(source["path"])).expanduser().resolve()
-    identity = {k: v for k, v in source.items() if k != "path"} | {"path": str(path)}
+    # the decoder reads the same frames whichever it is: not part of the identity
+    options = {k: v for k, v in (source.get("options") or {}).items() if k != "video_backend"}
+    identity = {k: v for k, v in source.items() if k not in ("path", "options")} | {"path": str(path), "options": options}
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{source['format']}_{path.name or 'root'}_{digest}"
 
