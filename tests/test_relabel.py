@@ -209,7 +209,7 @@ def test_zero_shot_command_reports_each_category(tmp_path):
     run_train("env=babyai", "env.level=GoToSeqS5R2", "env.image_size=16", "data.num_demos=6",
               "env.max_episode_steps=null", "collect.only_success=true", "data.max_sub_instructions=1", root=tmp_path)
     ckpt = next(tmp_path.glob("logs/debug/runs/*/checkpoints/last.ckpt"))
-    trained = torch.load(ckpt, weights_only=False)["trained_instructions"]
+    trained = torch.load(ckpt, weights_only=True)["trained_instructions"]
     assert trained["max_clauses"] == 1  # longer missions were held out of training
     # Six demos see few clauses; declare every clause of the first missions drawn as seen (the missions and the
     # longest chain stay the trained ones), so that each category turns up among a few hundred draws.
@@ -218,7 +218,7 @@ def test_zero_shot_command_reports_each_category(tmp_path):
     for seed in range(3_000_000, 3_000_200):
         env.reset(seed=seed)
         clauses.update(env.sub_instructions())
-    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint = torch.load(ckpt, weights_only=True)
     checkpoint["trained_instructions"]["clauses"] = sorted(clauses | set(trained["clauses"]))
     torch.save(checkpoint, ckpt)
     out = tmp_path / "zs.json"

@@ -37,7 +37,7 @@ def test_optuna_search_tries_the_space_and_reports_the_best(tmp_path):
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert result["name"] == "optuna" and 0.0 <= result["best_value"] <= 1.0
     assert set(result["best_params"]) == {"policy.lr", "policy.d_model", "data.batch_size"}
-    lrs = {torch.load(json.loads(s.read_text())["last_checkpoint"], weights_only=False)["hyper_parameters"]["lr"]
+    lrs = {torch.load(json.loads(s.read_text())["last_checkpoint"], weights_only=True)["hyper_parameters"]["lr"]
            for s in sweep.glob("[0-9]*/summary.json")}
     assert len(lrs) == 2 and all(1e-4 <= lr <= 3e-3 for lr in lrs)  # two trials, sampled from the interval
 
@@ -50,7 +50,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith("error: training loss is nan at step ") and "last good checkpoint" in message
     step = int(message.split(" at step ")[1].split()[0])
-    ckpt = torch.load(next(tmp_path.glob("logs/debug/runs/*/checkpoints/last.ckpt")), weights_only=False)
+    ckpt = torch.load(next(tmp_path.glob("logs/debug/runs/*/checkpoints/last.ckpt")), weights_only=True)
     assert ckpt["global_step"] == step - 1  # the step before the diverged one
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 

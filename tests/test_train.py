@@ -71,12 +71,12 @@ def test_checkpoint_acts_without_the_dataset(debug_run, tmp_path):
 def test_resume_continues_from_the_last_checkpoint(debug_run):
     root, _ = debug_run
     last = Path(summary_of(root)["last_checkpoint"])
-    before = torch.load(last, weights_only=False)
+    before = torch.load(last, weights_only=True)
     proc = run_train("resume=true", "trainer.max_steps=8", root=root)
     assert f"resuming from {last}" in proc.stdout + proc.stderr
     s = summary_of(root)
     assert s["global_step"] == 8 and s["trained_steps"] == 4  # samples/s counts only the steps this run trained
-    after = torch.load(s["last_checkpoint"], weights_only=False)
+    after = torch.load(s["last_checkpoint"], weights_only=True)
     assert before["global_step"] == 4 and after["global_step"] == 8
     # the optimizer state came along: Adam's step count continued from 4
     assert next(iter(after["optimizer_states"][0]["state"].values()))["step"].item() == 8
@@ -107,7 +107,7 @@ def test_killed_training_resumes_with_the_same_step_schedule_and_data_order(tmp_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpts, "no checkpoint was written before the kill"
-    step = torch.load(ckpts[0], weights_only=False)["global_step"]
+    step = torch.load(ckpts[0], weights_only=True)["global_step"]
     assert 5 <= step < 60
     run_train(*common, "resume=true", f"+callbacks.batch_log.path={tmp_path}/resumed.jsonl", root=killed)
     assert summary_of(killed)["global_step"] == 60
@@ -122,7 +122,7 @@ def test_multirun_sweep_runs_each_job(tmp_path):
     assert "Launching 2 jobs locally" in proc.stdout + proc.stderr
     jobs = sorted(Path(tmp_path, "logs", "debug", "multiruns").glob("*/[0-9]*/summary.json"))
     assert len(jobs) == 2
-    lrs = sorted(torch.load(json.loads(j.read_text())["last_checkpoint"], weights_only=False)
+    lrs = sorted(torch.load(json.loads(j.read_text())["last_checkpoint"], weights_only=True)
                  ["hyper_parameters"]["lr"] for j in jobs)
     assert lrs == [3e-4, 1e-3]
 

@@ -85,6 +85,7 @@ def train(cfg: DictConfig) -> dict:
 
     from toolkit.config import check_types
     from toolkit.data_env_checks import plan_rollouts
+    from toolkit.encoders.weights import load_pickled, set_trust_pickled_code, trust_pickled_code
     from toolkit.envs.vector import check_env
 
     start = time.perf_counter()
@@ -95,6 +96,8 @@ def train(cfg: DictConfig) -> dict:
             check_types(node, f"{group}.{name}")
 
     L.seed_everything(cfg.seed, workers=True)
+    # before anything reads a checkpoint (encoder weights, resume): pickled code runs only with this opt-in
+    set_trust_pickled_code(cfg.get("trust_pickled_code", False))
     torch.set_num_threads(cfg.num_threads)
     # fail fast on a bad env config (unknown task...) before collecting; env=none: no env (no rollouts)
     # (debug configs may leave env fields without a _target_ behind env=none)
@@ -138,11 +141,11 @@ def train(cfg: DictConfig) -> dict:
         if not Path(ckpt_path).exists():
             raise ToolkitError(f"ckpt_path={ckpt_path} does not exist")
         log.info(f"resuming from {ckpt_path}")
-    # the step training starts from: fit restores it from the checkpoint (mmap: nothing else is read)
-    step_start = 0 if ckpt_path is None else torch.load(ckpt_path, map_location="cpu", mmap=True,
-                                                        weights_only=False)["global_step"]
+    # the step training starts from: fit restores it from the checkpoint (mmap: nothing else is read). Both read
+    # it with weights_only=True: a checkpoint that would run code is refused here, by name (unless trusted)
+    step_start = 0 if ckpt_path is None else load_pickled(ckpt_path, mmap=True)["global_step"]
     fit_start = time.perf_counter()
-    trainer.fit(policy, datamodule, ckpt_path=ckpt_path)
+    trainer.fit(policy, datamodule, ckpt_path=ckpt_path, weights_only=not trust_pickled_code())
     fit_time = time.perf_counter() - fit_start
     trained_steps = trainer.global_step - step_start  # by this process (a resumed run: since its checkpoint)
 

@@ -1,6 +1,7 @@
 """Zero-shot evaluation of a language-conditioned policy on instruction compositions it did not train on.
 
     python -m toolkit.zero_shot CHECKPOINT [--episodes 20] [--seed 3000000] [--max-draws 5000] [--out FILE]
+        [--trust-pickled-code]
 
 The checkpoint records what training saw (missions, clauses, the longest mission in clauses; see
 ``EpisodeDataModule.instruction_summary``). Missions are drawn from the checkpoint's env by resetting it
@@ -50,13 +51,16 @@ def draw_missions(env, trained: dict, per_group: int, seed: int, max_draws: int)
 
 
 def evaluate(checkpoint: str | Path, episodes: int = 20, seed: int = 3_000_000, max_draws: int = 5000,
-             num_envs: int = 2) -> list[dict]:
-    """Success rate per (category, number of clauses): rows ``{category, clauses, episodes, success_rate}``."""
+             num_envs: int = 2, trust_pickled_code: bool = False) -> list[dict]:
+    """Success rate per (category, number of clauses): rows ``{category, clauses, episodes, success_rate}``.
+    ``trust_pickled_code``: see load_policy (also lifts the check of the env class the checkpoint names)."""
     from toolkit.envs.rollout import run_rollouts
     from toolkit.envs.vector import make_env, make_vector_env
-    from toolkit.policies.base import load_policy
+    from toolkit.policies.base import check_checkpoint_targets, load_policy
 
-    policy = load_policy(checkpoint)
+    policy = load_policy(checkpoint, trust_pickled_code=trust_pickled_code)
+    if not trust_pickled_code:
+        check_checkpoint_targets(policy.toolkit_cfg.get("env"), "toolkit_cfg.env", checkpoint)
     trained = policy.trained_instructions
     if not policy.language_conditioned or not trained:
         raise ToolkitError(f"{checkpoint}: not a language-conditioned policy trained on episodes with instructions")
@@ -106,11 +110,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-draws", type=int, default=5000)
     parser.add_argument("--num-envs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--trust-pickled-code", action="store_true",
+                        help="load a checkpoint that pickles code (or names classes outside the toolkit): runs it")
     args = parser.parse_args(argv)
     with exit_on_user_error():
         if not Path(args.checkpoint).is_file():
             raise ToolkitError(f"{args.checkpoint}: no such checkpoint")
-        rows = evaluate(args.checkpoint, args.episodes, args.seed, args.max_draws, args.num_envs)
+        rows = evaluate(args.checkpoint, args.episodes, args.seed, args.max_draws, args.num_envs,
+                        args.trust_pickled_code)
     print_table(rows)
     out = args.out or Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "_zero_shot.json")
     out.write_text(json.dumps(rows, indent=2))

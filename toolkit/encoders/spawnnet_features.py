@@ -3,6 +3,7 @@ frame, a PCA-to-RGB map of each projected backbone tap and of the final adapter 
 
     python -m toolkit.encoders.spawnnet_features --data FILE.hdf5 --out DIR [--frames 4]
         [--camera rgb_corner4] [--checkpoint policy.ckpt | --backbone-weights dinov2_vits14_pretrain.pth]
+        [--trust-pickled-code]
 
 With ``--checkpoint`` the encoder (and its trained adapter) comes from a trained policy; otherwise a
 fresh SpawnNetEncoder is built (random adapter; random backbone unless ``--backbone-weights``). The
@@ -61,17 +62,21 @@ def pick_frames(path: Path, camera: str, num: int) -> tuple[list[str], np.ndarra
 
 
 def build_encoder(args: argparse.Namespace) -> SpawnNetEncoder:
-    if args.checkpoint:
-        from toolkit.policies.base import load_policy
+    from toolkit.encoders.weights import trusting_pickled_code
 
-        encoder = load_policy(args.checkpoint).encoder
-        if not isinstance(encoder, SpawnNetEncoder):
-            raise ToolkitError(f"{args.checkpoint}: the policy's encoder is {type(encoder).__name__}, not SpawnNetEncoder")
-        return encoder
-    from toolkit.encoders.dinov2 import DINOv2Encoder
+    # --trust-pickled-code: for the checkpoint and the weights files it (or --backbone-weights) names
+    with trusting_pickled_code(getattr(args, "trust_pickled_code", False)):
+        if args.checkpoint:
+            from toolkit.policies.base import load_policy
 
-    backbone = DINOv2Encoder(variant=args.variant, weights=args.backbone_weights, freeze=True,
-                             image_size=args.backbone_image_size)
+            encoder = load_policy(args.checkpoint).encoder
+            if not isinstance(encoder, SpawnNetEncoder):
+                raise ToolkitError(f"{args.checkpoint}: the policy's encoder is {type(encoder).__name__}, not SpawnNetEncoder")
+            return encoder
+        from toolkit.encoders.dinov2 import DINOv2Encoder
+
+        backbone = DINOv2Encoder(variant=args.variant, weights=args.backbone_weights, freeze=True,
+                                 image_size=args.backbone_image_size)
     return SpawnNetEncoder(backbone, image_size=args.image_size)
 
 
@@ -99,6 +104,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--frames", type=int, default=4, help="frames to show, spread over the file")
     p.add_argument("--camera", default="rgb_corner4", help="obs key of the camera (rgb_<camera>)")
     p.add_argument("--checkpoint", help="trained policy checkpoint whose SpawnNet encoder to use")
+    p.add_argument("--trust-pickled-code", action="store_true",
+                   help="load a checkpoint (or weights) that pickles code: runs it (trusted files only)")
     p.add_argument("--backbone-weights", default=None, help="DINOv2 weights for a fresh encoder (path or auto)")
     p.add_argument("--variant", default="vits14", help="DINOv2 variant for a fresh encoder")
     p.add_argument("--image-size", type=int, default=224, help="adapter input size for a fresh encoder")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from toolkit.encoders.base import Encoder
+from toolkit.errors import ToolkitError
 from toolkit.normalization import Normalizer
 
 
@@ -196,17 +197,69 @@ class PolicyModule(L.LightningModule):
         return self.language.encode([str(i) for i in obs["instruction"]]).to(self.device)
 
 
-def load_policy(path: str | Path, device: str = "cpu") -> PolicyModule:
-    """Rebuild a trained policy from its checkpoint alone (config, normalization and weights)."""
+def load_policy(path: str | Path, device: str = "cpu", trust_pickled_code: bool | None = None) -> PolicyModule:
+    """Rebuild a trained policy from its checkpoint alone (config, normalization and weights).
+
+    Nothing in the file runs: it is read with ``torch.load(weights_only=True)`` (toolkit.encoders.weights.load_pickled)
+    and the classes its config names (``_target_``) must be classes of the toolkit or ``torch.optim``
+    (check_checkpoint_targets), else a ToolkitError names the file. ``trust_pickled_code=True`` lifts both checks,
+    for this checkpoint and the encoder weights its config names; ``None``: the process-wide setting
+    (``trust_pickled_code`` of train.py's config, toolkit.encoders.weights.set_trust_pickled_code)."""
     from hydra.utils import instantiate
 
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    cfg, hp = ckpt["toolkit_cfg"], ckpt["hyper_parameters"]
-    policy = instantiate(cfg["policy"], encoder=instantiate(cfg["encoder"]),
-                         shape_meta=hp["shape_meta"], stats=hp["stats"], _convert_="all")
-    policy.load_state_dict(ckpt["state_dict"])
-    policy.toolkit_cfg = cfg
-    policy.trained_instructions = ckpt.get("trained_instructions")
-    if policy.language_conditioned:
-        policy.language = instantiate(cfg["language"])
+    from toolkit.encoders.weights import load_pickled, trusting_pickled_code
+    from toolkit.encoders.weights import trust_pickled_code as trusted
+
+    trust = trusted() if trust_pickled_code is None else bool(trust_pickled_code)
+    with trusting_pickled_code(trust):
+        ckpt = load_pickled(path, map_location=device)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("toolkit_cfg"), dict):
+            raise ToolkitError(f"{path}: not a checkpoint written by train.py (no toolkit_cfg)")
+        cfg, hp = ckpt["toolkit_cfg"], ckpt["hyper_parameters"]
+        if not trust:
+            for group in ("policy", "encoder", "language"):
+                check_checkpoint_targets(cfg.get(group), f"toolkit_cfg.{group}", path)
+        policy = instantiate(cfg["policy"], encoder=instantiate(cfg["encoder"]),
+                             shape_meta=hp["shape_meta"], stats=hp["stats"], _convert_="all")
+        policy.load_state_dict(ckpt["state_dict"])
+        policy.toolkit_cfg = cfg
+        policy.trained_instructions = ckpt.get("trained_instructions")
+        if policy.language_conditioned:
+            policy.language = instantiate(cfg["language"])
     return policy.to(device).eval()
+
+
+#: Packages whose classes a checkpoint's config may name (``_target_``) for load_policy / zero-shot to build.
+TRUSTED_TARGET_PACKAGES = ("toolkit.", "torch.optim.")
+
+
+def check_checkpoint_targets(node: Any, where: str, path: str | Path) -> None:
+    """Refuse a config read from a checkpoint whose ``_target_`` names anything but a class of the toolkit or
+    ``torch.optim`` (Hydra's instantiate would call it: ``_target_: os.system`` runs a command just like a
+    pickled global does)."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    from toolkit.encoders.weights import opt_in_hint
+
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None:
+            ok = isinstance(target, str) and target.startswith(TRUSTED_TARGET_PACKAGES)
+            if ok:
+                try:  # a class defined there (not one reached through a module attribute: toolkit.x.subprocess.Popen)
+                    obj = get_object(target)
+                    ok = inspect.isclass(obj) and f"{obj.__module__}.".startswith(TRUSTED_TARGET_PACKAGES)
+                except Exception:  # noqa: BLE001: an unknown name is refused below like a foreign one
+                    ok = False
+            if not ok:
+                raise ToolkitError(f"{path}: refusing to load it: its config sets {where}._target_={target!r}, which "
+                                   f"building it would call; a checkpoint may only name classes of "
+                                   f"{' or '.join(p.rstrip('.') for p in TRUSTED_TARGET_PACKAGES)}. Nothing was run. "
+                                   f"{opt_in_hint()}")
+        for key, value in node.items():
+            check_checkpoint_targets(value, f"{where}.{key}", path)
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            check_checkpoint_targets(value, f"{where}[{i}]", path)
