@@ -1,4 +1,5 @@
-# `make run`: set up .venv and run the main job. `make test`: set up .venv with dev extras and run the tests.
+# `make run`: set up .venv and run the main job. `make test`: set up .venv with dev extras, and .venv-compare
+# (LeRobot and robomimic themselves, for the tests against the real tools), and run the tests.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,6 +15,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	# torch first, alone: the pinned pair installs from the local wheel store (no CUDA download)
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -e ".[all,dev]"
+	# the publishers' own model code, only for the tests that compare our encoders with it (tests/reference_models.py)
+	$(BIN)/pip install --no-deps --upgrade --target $(VENV)/reference dinov2==0.0.1.dev2 clip-anytorch==2.6.0
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,7 +24,7 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python train.py
 
-test: $(STAMP)
+test: $(STAMP) compare-venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -1,7 +1,9 @@
 """CLIP and R3M image encoders: every official weight format loads to the reference model's exact features,
 strict keys, clear errors for missing weights, shapes at any input size, freezing and partial fine-tuning.
 
-Reference models are randomly initialised (open_clip / torchvision) and saved in each format's key layout."""
+Reference models are randomly initialised (open_clip / torchvision, and OpenAI's own clip/model.py from
+``tests/reference_models.py``) and saved in each format's key layout. QuickGELU vs GELU must follow from the
+file's content, never its name: every format is also loaded under another name."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -26,6 +30,8 @@ from toolkit.encoders.base import IMAGENET_MEAN, IMAGENET_STD
 from toolkit.encoders.clip import CLIPEncoder, is_torchscript, load_clip_checkpoint
 from toolkit.encoders.r3m import R3MEncoder
 from toolkit.errors import ToolkitError
+
+from reference_models import openai_clip_module, relative_error  # tests/ is on sys.path (pytest rootdir)
 
 torch.set_num_threads(2)
 
@@ -91,18 +97,114 @@ def clip_files(tmp_path_factory):
     return model.state_dict(), files, expected
 
 
+def renamed_copy(path: Path, directory: Path, name: str) -> Path:
+    """The same bytes under another name (a hard link where possible)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / name
+    try:
+        os.link(path, target)
+    except OSError:
+        shutil.copyfile(path, target)
+    return target
+
+
+@pytest.mark.parametrize("renamed", [False, True], ids=["official_name", "renamed"])
 @pytest.mark.parametrize("fmt", ["openai", "torchscript", "bin", "safetensors"])
-def test_clip_formats(clip_files, fmt):
+def test_clip_formats(clip_files, tmp_path, fmt, renamed):
     _, files, expected = clip_files
-    enc = CLIPEncoder("ViT-B-32", weights=str(files[fmt]))
+    path = files[fmt]
+    if renamed:  # OpenAI's files as my_clip.pt; open_clip's under OpenAI's name: the name must not matter
+        path = renamed_copy(path, tmp_path, {"openai": "my_clip.pt", "torchscript": "my_clip.pt", "bin": "ViT-B-32.pt",
+                                             "safetensors": "ViT-B-32.safetensors"}[fmt])
+    enc = CLIPEncoder("ViT-B-32", weights=str(path))
     openai = fmt in ("openai", "torchscript")
     assert enc.quick_gelu == openai and enc.frozen and not enc.training
-    assert is_torchscript(files[fmt]) == (fmt == "torchscript")
+    assert is_torchscript(path) == (fmt == "torchscript")
     assert (enc.num_tokens, enc.out_dim) == (1, 512)
     out = enc(images(2, 224, 224, seed=2))
     assert out.shape == (2, 1, 512)
     torch.testing.assert_close(out[:, 0], expected["quick_gelu" if openai else "gelu"][0])
-    assert enc.weights_fingerprint().startswith(str(files[fmt].resolve()))
+    assert enc.weights_fingerprint().startswith(str(path.resolve()))
+
+
+def test_clip_open_clip_state_dict_quick_gelu_from_variant(clip_files, tmp_path, caplog):
+    """An open_clip state dict does not say which activation its model used: GELU as open_clip's config of the
+    variant, with a warning naming the way out; the -quickgelu variant or quick_gelu=true give QuickGELU."""
+    path = renamed_copy(clip_files[1]["safetensors"], tmp_path, "weights.safetensors")
+    with caplog.at_level(logging.WARNING, logger="toolkit.encoders.clip"):
+        ckpt = load_clip_checkpoint("ViT-B-32", str(path))
+    assert not ckpt.quick_gelu and not ckpt.openai and "does not tell" in ckpt.quick_gelu_from
+    assert "ViT-B-32-quickgelu" in caplog.text and str(path) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="toolkit.encoders.clip"):
+        assert load_clip_checkpoint("ViT-B-32-quickgelu", str(path)).quick_gelu
+        assert load_clip_checkpoint("ViT-B-32", str(path), quick_gelu=True).quick_gelu
+        assert not load_clip_checkpoint("ViT-B-32", str(clip_files[1]["openai"]), quick_gelu=False).quick_gelu
+    assert not caplog.text
+    # the config published with the weights (a Hugging Face snapshot's open_clip_config.json)
+    (tmp_path / "open_clip_config.json").write_text('{"model_cfg": {"embed_dim": 512, "quick_gelu": true}}')
+    ckpt = load_clip_checkpoint("ViT-B-32", str(path))
+    assert ckpt.quick_gelu and ckpt.quick_gelu_from.endswith("open_clip_config.json")
+
+
+# --- against OpenAI's own model code (clip/model.py) --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def openai_clip(tmp_path_factory):
+    """OpenAI's clip/model.py CLIP in ViT-B/32's shapes with random weights (layer norms too), in half precision as
+    OpenAI's ``build_model`` leaves it (``convert_weights``), its state dict saved as ``ViT-B-32.pt`` (what
+    ``torch.save(clip.load("ViT-B/32", jit=False)[0].state_dict())`` writes) and the same bytes as ``my_clip.pt``.
+    The reference is what OpenAI's ``clip.load(path, device="cpu", jit=False)`` returns for that file:
+    ``build_model(torch.load(path)).float()``."""
+    oa = openai_clip_module()
+    torch.manual_seed(5)
+    model = oa.CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
+                    context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+    oa.convert_weights(model)
+    root = tmp_path_factory.mktemp("openai_clip")
+    official = root / "ViT-B-32.pt"
+    torch.save(model.state_dict(), official)
+    del model
+    renamed = renamed_copy(official, root / "renamed", "my_clip.pt")
+    reference = oa.build_model(torch.load(official, map_location="cpu", weights_only=True)).float().eval()
+    return reference, {"official": official, "renamed": renamed}
+
+
+def openai_features(reference: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """OpenAI's ``encode_image`` and its patch tokens after ``ln_post`` (OpenAI returns only the class token: the
+    transformer's output is taken with a hook and put through the model's own ``ln_post``)."""
+    seen = []
+    hook = reference.visual.transformer.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            embedding = reference.encode_image(x)
+            tokens = reference.visual.ln_post(seen[0].permute(1, 0, 2)[:, 1:])  # LND -> NLD, class token dropped
+    finally:
+        hook.remove()
+    return embedding, tokens
+
+
+@pytest.mark.parametrize("name", ["official", "renamed"])
+def test_clip_equals_openai_model_py(openai_clip, name):
+    """Both pools equal OpenAI's model on the same preprocessed input (OpenAI's model only runs at its native
+    224 px, so image_size stays 224; inputs of other sizes are resized to it), whatever the file is called."""
+    reference, files = openai_clip
+    for pool in ("cls", "patch"):
+        enc = CLIPEncoder("ViT-B-32", weights=str(files[name]), pool=pool)
+        assert enc.quick_gelu and "clip/model.py" in load_clip_checkpoint("ViT-B-32", str(files[name])).quick_gelu_from
+        for h, w in ((224, 224), (100, 120)):
+            imgs = images(2, h, w, seed=h)
+            embedding, tokens = openai_features(reference, enc.preprocess(imgs))
+            out = enc(imgs)
+            want = embedding[:, None] if pool == "cls" else tokens
+            assert out.shape == want.shape == (2, *((1, 512) if pool == "cls" else (49, 768)))
+            err = relative_error(out, want)
+            assert err < 1e-5, f"{name}, pool={pool}, {h}x{w} input: relative error {err:.2e}"
 
 
 def test_clip_patch_tokens(clip_files):

@@ -1,5 +1,8 @@
 """timm ViT encoders (DINOv2, MAE, ViT from scratch): official checkpoint formats, strict keys,
-``weights=auto``, shapes, freezing and training. Reference weights are random (nothing is downloaded)."""
+``weights=auto``, shapes, freezing and training. Reference weights are random (nothing is downloaded).
+
+DINOv2 is compared with FAIR's own model code (``tests/reference_models.py``, installed into
+``.venv/reference`` by ``make install``) at 224 px, at the trained 518 px and at sizes off the trained grid."""
 
 from __future__ import annotations
 
@@ -15,14 +18,15 @@ import timm
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
-from timm.layers import resample_abs_pos_embed
 
 from toolkit.encoders import vit_common
 from toolkit.encoders.dinov2 import VARIANTS as DINO_VARIANTS
-from toolkit.encoders.dinov2 import DINOv2Encoder, timm_name
+from toolkit.encoders.dinov2 import DINOv2Encoder, official_file, timm_name
 from toolkit.encoders.mae import MAEEncoder
 from toolkit.encoders.vit import ViTEncoder
 from toolkit.errors import ToolkitError
+
+from reference_models import fair_vits14, randomize, relative_error  # tests/ is on sys.path (pytest rootdir)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,11 +63,6 @@ def reference(name: str, img_size: int, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def resampled(sd: dict[str, torch.Tensor], grid: int, prefix: int) -> dict[str, torch.Tensor]:
-    """timm's own pos_embed resampling (what its pretrained loader does), for a reference at another size."""
-    return {**sd, "pos_embed": resample_abs_pos_embed(sd["pos_embed"], new_size=(grid, grid), num_prefix_tokens=prefix)}
-
-
 def to_dinov2_hub(sd: dict[str, torch.Tensor], swiglu: bool = False, seed: int = 1) -> dict[str, torch.Tensor]:
     """timm keys -> facebookresearch/dinov2 hub keys (the inverse of timm's ``_convert_dinov2``);
     ``swiglu``: ViT-g's packed SwiGLU MLP is ``mlp.w12`` / ``mlp.w3`` there."""
@@ -85,13 +84,6 @@ def images(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-def check_same_features(enc, ref, imgs: torch.Tensor) -> None:
-    """All tokens (class, registers, patches) after the final norm, on the encoder's preprocessed input."""
-    x = enc.preprocess(imgs)
-    with torch.no_grad():
-        torch.testing.assert_close(enc.model.forward_features(x), ref.forward_features(x))
-
-
 @pytest.fixture(scope="module")
 def dino_s_ref():
     return reference("vit_small_patch14_dinov2", 518)
@@ -106,47 +98,108 @@ def dino_s_hub(tmp_path_factory, dino_s_ref) -> Path:
     return path
 
 
-# --- official formats -------------------------------------------------------------------------------
+# --- official formats: the same features as FAIR's own model code ------------------------------------------
 
-def test_dinov2_hub_pth(dino_s_hub, dino_s_ref):
-    # at the official 518 px: exactly the reference
-    enc = DINOv2Encoder("vits14", weights=str(dino_s_hub), image_size=518)
-    check_same_features(enc, dino_s_ref, images(1, 3 * 37, 4 * 37))
-    # at 224 px the 37x37 pos_embed is resampled to 16x16, as timm's pretrained loader does
-    small = DINOv2Encoder("vits14", weights=str(dino_s_hub), image_size=224)
-    assert small.model.pos_embed.shape == (1, 1 + 16 * 16, 384)
-    ref = reference("vit_small_patch14_dinov2", 224)
-    ref.load_state_dict(resampled(dino_s_ref.state_dict(), 16, prefix=1))
-    check_same_features(small, ref, images(2, 64, 64))
+SIZES = (224, 518, 126, 100)  # 100 is not a multiple of 14: the patch grid is 7x7, the last 2 px unused
+VARIANT_REGISTERS = {"vits14": 0, "vits14_reg": 4}
 
 
-def test_dinov2_reg_hub_pth(tmp_path):
-    ref = reference("vit_small_patch14_reg4_dinov2", 518, seed=2)
-    path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
-    sd = to_dinov2_hub(ref.state_dict())
-    assert {"register_tokens", "mask_token"} <= set(sd) and sd["pos_embed"].shape == (1, 1 + 37 * 37, 384)
-    torch.save(sd, path)
-    # the registers have no pos_embed in timm's layout (no_embed_class): resample without prefix tokens
-    enc = DINOv2Encoder("vits14_reg", weights=str(path), image_size=224, pool="patch")
-    ref224 = reference("vit_small_patch14_reg4_dinov2", 224)
-    ref224.load_state_dict(resampled(ref.state_dict(), 16, prefix=0))
-    check_same_features(enc, ref224, images(2, 80, 90))
+@pytest.fixture(scope="module")
+def fair(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
+    """FAIR's ViT-S/14 and ViT-S/14-reg4 (their model code, random weights), saved as the torch.hub files."""
+    root = tmp_path_factory.mktemp("fair")
+    out = {}
+    for seed, (variant, registers) in enumerate(VARIANT_REGISTERS.items()):
+        model = randomize(fair_vits14(registers), seed=10 + seed)
+        path = root / official_file(variant)
+        torch.save(model.state_dict(), path)
+        out[variant] = (model, path)
+    return out
+
+
+def fair_input(x: torch.Tensor) -> torch.Tensor:
+    """FAIR's patch embedding refuses sizes that are not a multiple of 14; ours, like any stride-14 conv, leaves
+    the last rows/columns out: FAIR's model on the top-left crop is the reference."""
+    h, w = (s // 14 * 14 for s in x.shape[-2:])
+    return x[..., :h, :w]
+
+
+def check_equals_fair(variant: str, weights: Path, ref: torch.nn.Module, image_size: int, imgs: torch.Tensor) -> None:
+    """Class token, patch tokens and their mean (every pool's output) within 1e-5 relative error of FAIR's
+    ``x_norm_clstoken`` / ``x_norm_patchtokens`` on the same preprocessed input."""
+    grid = image_size // 14
+    enc = DINOv2Encoder(variant, weights=str(weights), image_size=image_size, pool="cls")
+    x = enc.preprocess(imgs)
     with torch.no_grad():
-        want = ref224.forward_features(enc.preprocess(images(2, 80, 90)))[:, 5:]  # cls + 4 registers dropped
-    torch.testing.assert_close(enc(images(2, 80, 90)), want)
+        want = ref.forward_features(fair_input(x))
+        tokens = enc.model.forward_features(x)  # every token after the final norm (the encoders' encode)
+    assert want["x_norm_patchtokens"].shape[1] == grid * grid
+    expected = {"cls": want["x_norm_clstoken"][:, None], "patch": want["x_norm_patchtokens"],
+                "mean": want["x_norm_patchtokens"].mean(1, keepdim=True)}
+    for pool in ("cls", "mean", "patch"):
+        pooled = DINOv2Encoder(variant, weights=str(weights), image_size=image_size, pool=pool)
+        pooled.model.forward_features = lambda _x: tokens  # one forward for all pools (518 px: seconds)
+        got = pooled(imgs)
+        assert got.shape == expected[pool].shape == (len(imgs), pooled.num_tokens, 384)
+        assert pooled.num_tokens == (grid * grid if pool == "patch" else 1)
+        err = relative_error(got, expected[pool])
+        assert err < 1e-5, f"{variant} at {image_size} px, pool={pool}: relative error {err:.2e}"
 
 
-def test_dinov2_timm_safetensors_resampled(tmp_path, dino_s_ref):
-    # timm's HF files hold the 518 px (37x37) grid; load at 224 and compare with timm's own resampling
+@pytest.mark.parametrize("image_size", SIZES)
+@pytest.mark.parametrize("variant", list(VARIANT_REGISTERS))
+def test_dinov2_hub_pth_equals_fair(fair, variant, image_size):
+    """The torch.hub checkpoint gives FAIR's features at the trained 518 px and at other sizes, where FAIR
+    interpolates the 37x37 position embeddings at run time (bicubic by the scale (grid + 0.1) / 37 for the plain
+    models, bicubic with antialias to the grid for the register models)."""
+    ref, path = fair[variant]
+    check_equals_fair(variant, path, ref, image_size, images(2 if image_size < 518 else 1, 150, 170, seed=image_size))
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_REGISTERS))
+def test_dinov2_keeps_official_pos_embed(fair, variant):
+    """pos_embed stays at its trained 37x37 grid whatever image_size (timm's layout: the register models' class
+    position is folded into cls_token, as timm's converter does), and it trains when not frozen."""
+    ref, path = fair[variant]
+    enc = DINOv2Encoder(variant, weights=str(path), image_size=126, freeze=False, pool="mean")
+    official = ref.pos_embed.detach()
+    if VARIANT_REGISTERS[variant]:
+        torch.testing.assert_close(enc.model.pos_embed, official[:, 1:], rtol=0, atol=0)
+        torch.testing.assert_close(enc.model.cls_token, ref.cls_token + official[:, :1], rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(enc.model.pos_embed, official, rtol=0, atol=0)
+    enc(images(2, 64, 64)).square().mean().backward()
+    grad = enc.model.pos_embed.grad
+    assert grad is not None and grad.shape == (1, 37 * 37 + (0 if VARIANT_REGISTERS[variant] else 1), 384)
+    assert grad.abs().sum() > 0
+    frozen = DINOv2Encoder(variant, weights=str(path), image_size=126)
+    assert frozen(images(1, 64, 64)).grad_fn is None and frozen.model.pos_embed.grad is None
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_REGISTERS))
+def test_dinov2_timm_safetensors_equals_fair(fair, tmp_path, variant):
+    """timm's HF files (timm/vit_small_patch14[_reg4]_dinov2.lvd142m) hold the same 518 px weights in timm's keys."""
+    ref, _ = fair[variant]
+    sd = {k: v.detach().clone() for k, v in ref.state_dict().items() if k != "mask_token"}
+    if "register_tokens" in sd:  # timm's no_embed_class layout (what timm's converter produces)
+        sd["reg_token"] = sd.pop("register_tokens")
+        sd["cls_token"] = sd["cls_token"] + sd["pos_embed"][:, :1]
+        sd["pos_embed"] = sd["pos_embed"][:, 1:]
     path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in dino_s_ref.state_dict().items()}, str(path))
-    enc = DINOv2Encoder("vits14", weights=str(path), image_size=224)
-    ref = reference("vit_small_patch14_dinov2", 224)
-    ref.load_state_dict(resampled(dino_s_ref.state_dict(), 16, prefix=1))
-    check_same_features(enc, ref, images(2, 100, 120))
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    check_equals_fair(variant, path, ref, 224, images(2, 100, 120))
+
+
+def test_fair_register_code_matches_release(fair):
+    """The register-aware FAIR code in tests/reference_models.py (copied from FAIR's current repository) computes
+    what the installed FAIR release computes for a model without registers."""
+    ref, _ = fair["vits14"]
+    main = fair_vits14(0, main=True)
+    main.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 3, 126, 126, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want = ref.forward_features(enc.preprocess(images(2, 100, 120)))[:, :1]  # pool=cls
-    torch.testing.assert_close(enc(images(2, 100, 120)), want)
+        for key in ("x_norm_clstoken", "x_norm_patchtokens"):
+            torch.testing.assert_close(main.forward_features(x)[key], ref.forward_features(x)[key], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("fmt", ["mae_pth", "timm_safetensors"])
@@ -197,7 +250,7 @@ def test_wrong_variant_checkpoint(monkeypatch):
         vitb = timm.create_model("vit_base_patch14_dinov2", pretrained=False, img_size=518, num_classes=0)
         enc = DINOv2Encoder("vits14")
     monkeypatch.setattr(vit_common, "read_checkpoint", lambda path: to_dinov2_hub(vitb.state_dict()))
-    with pytest.raises(ToolkitError, match=r"dinov2_vitb14_pretrain.pth.*does not match VisionTransformer.*cls_token \(1, 1, 768\) vs \(1, 1, 384\)"):
+    with pytest.raises(ToolkitError, match=r"dinov2_vitb14_pretrain.pth.*does not match RuntimePosEmbedViT.*cls_token \(1, 1, 768\) vs \(1, 1, 384\)"):
         enc.load_weights(Path("dinov2_vitb14_pretrain.pth"))
 
 

@@ -7,9 +7,28 @@ Accepted files, all in the OpenAI/open_clip key layout (``visual.conv1.weight``,
   as a plain state dict. These were trained with QuickGELU, which is used for them automatically.
 - open_clip checkpoints: ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin`` from the Hugging Face hub
   (https://huggingface.co/laion, ``timm/vit_*_clip_*``), or an open_clip training checkpoint
-  (``{'state_dict': {'module.visual...'}}``). QuickGELU vs GELU is taken from an ``open_clip_config.json`` next to
-  the file, else from open_clip's registry of published checkpoints (by file or repository name), else from the
-  variant (``ViT-B-32-quickgelu`` names the QuickGELU one); ``quick_gelu`` overrides all of that.
+  (``{'state_dict': {'module.visual...'}}``).
+
+QuickGELU or GELU (they have no weights, so a wrong choice loads fine and silently changes every feature) is decided
+from what the file is, never from its name (a renamed copy behaves the same), in this order:
+
+1. ``quick_gelu=true/false`` if given.
+2. OpenAI's own formats -> QuickGELU (OpenAI's ``build_model`` always uses it, as does open_clip's
+   ``build_model_from_openai_state_dict``): a TorchScript archive (every OpenAI release is one; nobody else
+   publishes CLIP that way); a state dict with the archive's ``input_resolution`` / ``context_length`` /
+   ``vocab_size`` entries (``torch.jit.load(...).state_dict()``); a state dict saved from OpenAI's ``clip/model.py``
+   (``clip.load(..., jit=False)``), told by its parameter order: OpenAI's residual blocks register ``attn, ln_1,
+   mlp, ln_2``, open_clip's ``ln_1, attn, ln_2, mlp`` (the key *names* are the same in both: open_clip copied
+   OpenAI's layout, so names alone cannot tell them apart).
+3. The variant: ``ViT-B-32-quickgelu`` & co. -> QuickGELU (open_clip's model configs; open_clip 3.x decides by
+   the model name too).
+4. The ``open_clip_config.json`` published with the weights (next to the file, as in a Hugging Face snapshot):
+   its ``model_cfg.quick_gelu``.
+5. A file inside a Hugging Face hub cache snapshot of a repository open_clip lists for the variant (e.g.
+   ``models--timm--vit_base_patch32_clip_224.openai``): that entry's ``quick_gelu``.
+6. Otherwise GELU, the variant's open_clip config, with a warning: open_clip's own state dicts say nothing
+   about the activation (use the ``-quickgelu`` variant or ``quick_gelu=true`` for QuickGELU-trained ones such
+   as OpenAI's weights re-saved by open_clip, LAION-400M or MetaCLIP).
 
 The text tower (for instructions) is in ``toolkit.encoders.language`` and shares the loading code here.
 """
@@ -17,6 +36,7 @@ The text tower (for instructions) is in ``toolkit.encoders.language`` and shares
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zipfile
 from collections.abc import Mapping
@@ -31,10 +51,17 @@ from toolkit.encoders.base import Encoder
 from toolkit.encoders.weights import load_strict, read_checkpoint, resolve_weights
 from toolkit.errors import ToolkitError
 
+log = logging.getLogger(__name__)
+
 PUBLISHED = ("https://github.com/openai/CLIP (OpenAI's <variant>.pt) and https://huggingface.co/laion "
              "(open_clip_model.safetensors / open_clip_pytorch_model.bin)")
 # Entries of OpenAI's TorchScript state dict that are not weights
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+# One residual block's parameters in the order OpenAI's clip/model.py registers them (attn, ln_1, mlp, ln_2);
+# open_clip's blocks register ln_1, attn, ln_2, mlp, and a sorted dict (safetensors) puts biases before weights.
+OPENAI_BLOCK_ORDER = ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
+                      "ln_1.weight", "ln_1.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",
+                      "mlp.c_proj.bias", "ln_2.weight", "ln_2.bias")
 
 
 def model_config(variant: str) -> dict[str, Any]:
@@ -77,12 +104,30 @@ def weight_patterns(variant: str) -> list[str]:
 
 
 def _registry_entry(path: Path, variant: str) -> dict[str, Any] | None:
-    """open_clip's published-checkpoint entry this file is (by download name or HF repository), if any."""
+    """open_clip's published-checkpoint entry for the Hugging Face hub repository whose cache snapshot holds this
+    file (``.../models--<org>--<repo>/snapshots/<rev>/...``), if any. The file's own name is never used."""
+    parts = path.absolute().parts
     for cfg in _published(variant):
-        if cfg.get("url") and path.name == os.path.basename(cfg["url"]):
-            return cfg
-        if cfg.get("hf_hub") and _hf_repo_dir(cfg["hf_hub"])[0] in path.parts:
-            return cfg
+        if cfg.get("hf_hub"):
+            repo = _hf_repo_dir(cfg["hf_hub"])[0]
+            if any(part == repo and parts[i + 1: i + 2] == ("snapshots",) for i, part in enumerate(parts)):
+                return cfg
+    return None
+
+
+def openai_format(state_dict: Mapping[str, Any], torchscript: bool) -> str | None:
+    """Why this checkpoint is in one of OpenAI's own formats (so trained with QuickGELU), or None. ``state_dict``:
+    the file's entries in file order, ``module.`` prefixes removed."""
+    if torchscript:
+        return "a TorchScript archive, OpenAI's release format"
+    if any(k in state_dict for k in OPENAI_META_KEYS):
+        return "a state dict of OpenAI's TorchScript archive (input_resolution/context_length/vocab_size entries)"
+    for tower in ("visual.transformer.resblocks.0.", "transformer.resblocks.0."):
+        block = tuple(k[len(tower):] for k in state_dict if k.startswith(tower))
+        if block:
+            if block == OPENAI_BLOCK_ORDER:
+                return "a state dict of OpenAI's clip/model.py (its parameter order: attn, ln_1, mlp, ln_2)"
+            break
     return None
 
 
@@ -112,6 +157,7 @@ class CLIPCheckpoint:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     openai: bool = False
+    quick_gelu_from: str = ""  # what decided quick_gelu
 
     def fingerprint(self) -> str:
         return file_fingerprint(self.path) if self.path is not None else f"random-init:open_clip:{self.variant}"
@@ -125,7 +171,9 @@ def load_clip_checkpoint(variant: str, weights: str | os.PathLike | None, quick_
     path = resolve_weights(weights, weight_patterns(variant), f"CLIP {variant}", PUBLISHED)
     mean, std = tuple(OPENAI_DATASET_MEAN), tuple(OPENAI_DATASET_STD)
     if path is None:
-        return CLIPCheckpoint(variant, None, None, bool(cfg.get("quick_gelu", False) if quick_gelu is None else quick_gelu), mean, std)
+        source = "the quick_gelu argument" if quick_gelu is not None else f"open_clip's config for {variant}"
+        return CLIPCheckpoint(variant, None, None, bool(cfg.get("quick_gelu", False) if quick_gelu is None else quick_gelu),
+                              mean, std, quick_gelu_from=source)
 
     raw: Any = read_checkpoint(path)
     if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
@@ -133,7 +181,7 @@ def load_clip_checkpoint(variant: str, weights: str | os.PathLike | None, quick_
     if not isinstance(raw, Mapping):
         raise ToolkitError(f"{path}: expected a CLIP state dict, got {type(raw).__name__}")
     sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in raw.items()}
-    openai = is_torchscript(path) or any(k in sd for k in OPENAI_META_KEYS)
+    why_openai = openai_format(sd, is_torchscript(path))
     for key in OPENAI_META_KEYS:
         sd.pop(key, None)
     sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
@@ -146,21 +194,30 @@ def load_clip_checkpoint(variant: str, weights: str | os.PathLike | None, quick_
         except (OSError, ValueError):
             side_cfg = {}
     entry = _registry_entry(path, variant)
-    if quick_gelu is None:
-        if openai:
-            quick_gelu = True
-        elif "model_cfg" in side_cfg:
-            quick_gelu = bool(side_cfg["model_cfg"].get("quick_gelu", False))
-        elif entry is not None:
-            quick_gelu = bool(entry.get("quick_gelu", False))
-        else:
-            quick_gelu = bool(cfg.get("quick_gelu", False))
+    if quick_gelu is not None:
+        source = "the quick_gelu argument"
+    elif why_openai is not None:
+        quick_gelu, source = True, why_openai
+    elif cfg.get("quick_gelu", False):
+        quick_gelu, source = True, f"the variant {variant}"
+    elif isinstance(side_cfg.get("model_cfg"), Mapping):
+        quick_gelu, source = bool(side_cfg["model_cfg"].get("quick_gelu", False)), str(sidecar)
+    elif entry is not None:
+        quick_gelu = bool(entry.get("quick_gelu", False))
+        source = f"open_clip's entry for the Hugging Face repository {entry['hf_hub'].strip('/')}"
+    else:
+        quick_gelu, source = False, f"open_clip's config for {variant} (the file does not tell)"
+        log.warning(f"{path}: an open_clip state dict, which does not say whether its model used QuickGELU: using "
+                    f"GELU as open_clip's {variant} config does. If it was trained with QuickGELU (OpenAI's weights "
+                    f"re-saved by open_clip, LAION-400M, MetaCLIP), use encoder.variant={variant}-quickgelu or "
+                    f"quick_gelu=true")
+    openai = why_openai is not None
     pre = side_cfg.get("preprocess_cfg", {})
     if entry is not None:
         mean, std = tuple(entry.get("mean", mean)), tuple(entry.get("std", std))
     elif "mean" in pre and "std" in pre:
         mean, std = tuple(pre["mean"]), tuple(pre["std"])
-    return CLIPCheckpoint(variant, path, sd, bool(quick_gelu), mean, std, openai)
+    return CLIPCheckpoint(variant, path, sd, bool(quick_gelu), mean, std, openai, source)
 
 
 def build_visual(variant: str, quick_gelu: bool, image_size: int | None = None, output_tokens: bool = False,
