@@ -103,8 +103,16 @@ def train(cfg: DictConfig) -> dict:
     # (debug configs may leave env fields without a _target_ behind env=none)
     spec = check_env(cfg.env) if cfg.get("env") and cfg.env.get("_target_") else None
     datamodule = instantiate(cfg.data)  # likewise a bad data config (the file is opened in setup)
+    online = getattr(datamodule, "online", False)  # policy=ppo...: the simulator is the data source
+    init = None
+    if cfg.get("init_from"):  # online fine-tuning of a checkpoint: its encoder, actor and normalization
+        from toolkit.policies.init_from import adopt_checkpoint_config, read_init_checkpoint
+
+        init = read_init_checkpoint(cfg.init_from)
+        adopt_checkpoint_config(cfg, init, spec, cfg.init_from)
     collect_start = time.perf_counter()
-    ensure_demos(cfg, None if spec is None else spec.env_args)
+    if not online:
+        ensure_demos(cfg, None if spec is None else spec.env_args)
     collect_time = time.perf_counter() - collect_start
 
     adapt_policy_config(cfg, None if spec is None else spec.action_space, datamodule)
@@ -120,8 +128,14 @@ def train(cfg: DictConfig) -> dict:
     datamodule.setup("fit")
     plan_rollouts(cfg, spec, datamodule.shape_meta)  # env=none, or a dataset from elsewhere: no rollouts
     # _convert_="all": the policy's hyperparameters (saved in checkpoints) stay plain Python containers
-    policy = instantiate(cfg.policy, encoder=encoder, shape_meta=datamodule.shape_meta,
-                         stats=datamodule.stats, _convert_="all")
+    shape_meta, stats = (datamodule.shape_meta, datamodule.stats) if init is None else \
+        (init["hyper_parameters"]["shape_meta"], init["hyper_parameters"]["stats"])
+    policy = instantiate(cfg.policy, encoder=encoder, shape_meta=shape_meta, stats=stats, _convert_="all")
+    if init is not None:
+        from toolkit.policies.init_from import load_actor_weights
+
+        load_actor_weights(policy, init, cfg.init_from)
+        log.info(f"initialized from {cfg.init_from}")
     policy.toolkit_cfg = OmegaConf.to_container(cfg, resolve=True)
     policy.language = datamodule.language
     policy.trained_instructions = datamodule.instruction_summary if datamodule.language is not None else None
@@ -160,6 +174,7 @@ def train(cfg: DictConfig) -> dict:
         "collect_time_s": collect_time,
         "trained_steps": trained_steps,
         "train_samples_per_s": trained_steps * cfg.data.batch_size / max(train_time, 1e-9),
+        **(datamodule.env_metrics() if online else {}),
         "best_checkpoint": getattr(best, "best_model_path", None) or None,
         "last_checkpoint": getattr(last, "last_model_path", None) or None,
         "logs": [str(lg.log_dir or lg.save_dir) for lg in loggers],

@@ -48,8 +48,12 @@ class MetaWorldEnv(RobotEnv):
         image_size: int = 64,
         max_episode_steps: int = 150,
         terminate_on_success: bool = True,
+        reward: str = "dense",
     ) -> None:
         super().__init__(max_episode_steps, terminate_on_success)
+        if reward not in ("dense", "sparse"):
+            raise ToolkitError(f"env.reward={reward!r}: choose dense (Meta-World's shaped reward) or sparse (1 on success)")
+        self.reward = reward
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS
         from metaworld.policies import ENV_POLICY_MAP
 
@@ -118,7 +122,8 @@ class MetaWorldEnv(RobotEnv):
 
     def _step(self, action: np.ndarray):
         self._raw_obs, reward, _, _, info = self._env.step(action)
-        return self._obs(), float(reward), bool(info["success"]), {}
+        success = bool(info["success"])
+        return self._obs(), float(success) if self.reward == "sparse" else float(reward), success, {}
 
     def expert_action(self) -> np.ndarray:
         return np.clip(self._expert.get_action(self._raw_obs), -1.0, 1.0).astype(np.float32)
@@ -128,7 +133,9 @@ class MetaWorldEnv(RobotEnv):
             "env_name": self.task,
             "type": "metaworld",
             "env_kwargs": {"camera": self.camera, "image_size": self.image_size,
-                           "max_episode_steps": self.max_episode_steps},
+                           "max_episode_steps": self.max_episode_steps,
+                           # only when not the default, so files collected before the option stay valid
+                           **({"reward": self.reward} if self.reward != "dense" else {})},
         }
 
     def close(self) -> None:

@@ -148,16 +148,29 @@ class PolicyModule(L.LightningModule):
         else:
             self._seen[torch.as_tensor(mask, dtype=torch.bool)] = 0
 
+    def caches_features(self) -> bool:
+        """Rollouts keep each step's encoder features instead of its frames (a frozen encoder gives the same
+        features every time): a step encodes one frame per camera, not the T frames of its history."""
+        return bool(getattr(self.encoder, "frozen", False)) and not self.blank_images
+
     @torch.no_grad()
-    def act(self, obs: dict[str, Any]) -> np.ndarray:
-        """Actions ``[E, A]`` for the current observations of E envs (batched over envs). A
-        language-conditioned policy also takes ``obs["instruction"]`` (one string per env) or
-        ``obs["lang"]`` (embeddings ``[E, Dl]``)."""
-        lang = self._instruction_embedding(obs)
-        x = {k: torch.as_tensor(np.asarray(obs[k]), device=self.device) for k in [*self.rgb_keys, "state"]}
+    def step_inputs(self, obs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One step of E envs' observations as the policy's inputs: ``state`` ``[E, Ds]`` and per camera
+        ``rgb_*`` uint8 ``[E, C, H, W]``, or ``rgb_*_features`` ``[E, N, D]`` when features are cached."""
+        x = {"state": torch.as_tensor(np.asarray(obs["state"]), device=self.device).float()}
         for k in self.rgb_keys:
-            x[k] = x[k].permute(0, 3, 1, 2)  # HWC -> CHW
-        x["state"] = x["state"].float()
+            frames = torch.as_tensor(np.asarray(obs[k]), device=self.device).permute(0, 3, 1, 2)  # HWC -> CHW
+            if self.caches_features():
+                x[f"{k}_features"] = self.encoder(frames)
+            else:
+                x[k] = frames
+        return x
+
+    def observe(self, obs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Push E envs' current observations into their histories; returns the windows ``[E, T, ...]`` and
+        ``is_pad`` ``[E, T]``. A fresh episode (after ``reset``) fills its whole history with its first
+        frame, as the dataset pads windows."""
+        x = self.step_inputs(obs)
         n = len(x["state"])
         if self._hist is None or len(self._seen) != n:
             self._hist = {k: v[:, None].repeat_interleave(self.history, 1) for k, v in x.items()}
@@ -165,20 +178,30 @@ class PolicyModule(L.LightningModule):
         fresh = self._seen == 0
         for k, v in x.items():
             rolled = torch.cat([self._hist[k][:, 1:], v[:, None]], dim=1)
-            # A fresh episode fills its whole history with the first frame, as the dataset pads.
-            self._hist[k] = torch.where(fresh.view(-1, *[1] * (rolled.dim() - 1)),
-                                        v[:, None].expand_as(rolled), rolled)
+            self._hist[k] = torch.where(fresh.view(-1, *[1] * (rolled.dim() - 1)), v[:, None].expand_as(rolled), rolled)
         self._seen += 1
         is_pad = torch.arange(self.history, device=self.device)[None] < (self.history - self._seen[:, None])
+        return self._hist, is_pad
+
+    @torch.no_grad()
+    def act(self, obs: dict[str, Any]) -> np.ndarray:
+        """Actions ``[E, A]`` for the current observations of E envs (batched over envs). A
+        language-conditioned policy also takes ``obs["instruction"]`` (one string per env) or
+        ``obs["lang"]`` (embeddings ``[E, Dl]``)."""
+        lang = self._instruction_embedding(obs)
+        hist, is_pad = self.observe(obs)
         was_training = self.training
         self.eval()
-        predicted = self.predict(self._hist if lang is None else {**self._hist, "lang": lang}, is_pad)[:, 0]
+        predicted = self.predict(hist if lang is None else {**hist, "lang": lang}, is_pad)[:, 0]
         self.train(was_training)
         if getattr(self, "discrete", False):  # action indices [E, 1], as stored in episode files
             return predicted.cpu().numpy()
-        action = self.action_norm.unnormalize(predicted)
-        return torch.maximum(torch.minimum(action, self.action_high), self.action_low).cpu().numpy()
+        return self.unnormalize_action(predicted).cpu().numpy()
 
+    def unnormalize_action(self, action: torch.Tensor) -> torch.Tensor:
+        """Normalized actions -> env units, clipped to the range seen in the data."""
+        action = self.action_norm.unnormalize(action)
+        return torch.maximum(torch.minimum(action, self.action_high), self.action_low)
 
     @property
     def language_conditioned(self) -> bool:

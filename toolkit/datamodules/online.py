@@ -1,0 +1,124 @@
+"""The simulator as a LightningDataModule, for policies that learn online (``policy=ppo``).
+
+The training "dataset" is an endless iterable: the policy's ``online_batches(stepper)`` steps the vector
+envs (``toolkit.envs.stepper.EnvStepper``) with the current weights and yields the minibatches of one
+update cycle, then the next cycle begins. Validation is the rollout callback's evaluation at unseen seeds
+(one empty validation batch makes Lightning run it). The env step count, episode statistics and RNG
+states are part of Lightning's checkpoints (``state_dict``), so a resumed run continues from the same env
+step with the next training seeds.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import gymnasium as gym
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from toolkit.envs.stepper import EnvStepper
+from toolkit.envs.vector import check_env, make_env
+
+
+class _OnlineBatches(IterableDataset):
+    def __init__(self, datamodule: "OnlineDataModule") -> None:
+        self.datamodule = datamodule
+
+    def __iter__(self):
+        policy = self.datamodule.trainer.lightning_module
+        while True:
+            yield from policy.online_batches(self.datamodule.stepper)
+
+
+class OnlineDataModule(L.LightningDataModule):
+    """``num_envs`` envs stepped by the policy; training episode ``k`` starts from seed ``seed + k`` (keep the
+    range apart from the rollout callback's evaluation seeds)."""
+
+    online = True
+    feature_cache = False  # features are cached per rollout step by the policy itself
+
+    def __init__(self, env: dict[str, Any], num_envs: int = 4, seed: int = 500_000, batch_size: int = 64,
+                 history: int = 2, horizon: int = 1, stats_window: int = 100, name: str | None = None,
+                 path: str | None = None, num_demos: int | None = None, num_workers: int = 0) -> None:
+        """``name``, ``path``, ``num_demos``, ``num_workers``: the offline data fields, unused by on-policy
+        training (accepted so that ``debug=fast`` and experiment configs compose with ``data=online``)."""
+        super().__init__()
+        self.env_cfg, self.num_envs, self.seed, self.batch_size = env, num_envs, seed, batch_size
+        self.history, self.horizon = history, horizon
+        self.stepper = EnvStepper(env, num_envs, seed, stats_window)
+        self.shape_meta, self.stats = self._from_env()
+        self.language = None  # set by train.py when the env gives instructions
+        self.instruction_summary = None
+        self._started = time.perf_counter()
+        self._steps_at_start = 0
+
+    def _from_env(self) -> tuple[dict[str, Any], dict[str, dict[str, list[float]]]]:
+        """What the policy is built from, read off the env's spaces: a policy trained from scratch sees states
+        as they are and actions scaled from the action space's bounds to [-1, 1]."""
+        spec = check_env(self.env_cfg)
+        spaces = spec.observation_space.spaces
+        rgb = [k for k in spaces if k.startswith("rgb")]
+        state_dim = int(spaces["state"].shape[-1])
+        act = spec.action_space
+        if isinstance(act, gym.spaces.Discrete):
+            action_dim, low, high, mean, std = 1, [0.0], [float(act.n - 1)], [0.0], [1.0]
+        else:
+            low, high = act.low.astype(float), act.high.astype(float)
+            action_dim, mean, std = len(low), list((high + low) / 2), list((high - low) / 2)
+            low, high = list(low), list(high)
+        shape_meta = {"rgb_keys": rgb, "image_shape": {k: list(spaces[k].shape) for k in rgb},
+                      "state_dim": state_dim, "action_dim": action_dim}
+        stats = {"obs/state": {"mean": [0.0] * state_dim, "std": [1.0] * state_dim},
+                 "actions": {"mean": mean, "std": std, "min": low, "max": high}}
+        return shape_meta, stats
+
+    def has_instructions(self) -> bool:
+        env = make_env(self.env_cfg)
+        try:
+            env.reset(seed=self.seed)
+            return getattr(env, "instruction", lambda: None)() is not None
+        finally:
+            env.close()
+
+    def image_keys(self) -> list[str]:
+        return list(self.shape_meta["rgb_keys"])
+
+    def setup(self, stage: str | None = None) -> None:
+        pass
+
+    def train_dataloader(self) -> DataLoader:
+        self._started, self._steps_at_start = time.perf_counter(), self.stepper.env_steps
+        # the main process steps the envs with the module's current weights: no workers
+        return DataLoader(_OnlineBatches(self), batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader([{}], batch_size=None)
+
+    def env_metrics(self) -> dict[str, float]:
+        """For the logs and progress bar: env steps, env steps/s (this process, since training started), and the
+        recent training episodes' success, return and length."""
+        rate = (self.stepper.env_steps - self._steps_at_start) / max(time.perf_counter() - self._started, 1e-9)
+        stats = {f"env/{k}": v for k, v in self.stepper.episode_stats().items()}
+        return {"env/steps": float(self.stepper.env_steps), "env/steps_per_s": rate, **stats,
+                "env/episodes": float(self.stepper.episodes_done)}
+
+    def state_dict(self) -> dict[str, Any]:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        # plain types only: checkpoints load with torch.load(weights_only=True)
+        return {"stepper": self.stepper.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+                        "python": random.getstate()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stepper.load_state_dict(state["stepper"])
+        torch.set_rng_state(state["rng"]["torch"])
+        name, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        random.setstate(state["rng"]["python"])
+
+    def teardown(self, stage: str | None = None) -> None:
+        self.stepper.close()

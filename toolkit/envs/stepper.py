@@ -1,0 +1,142 @@
+"""The simulator stepped by the current policy, for online training: one vector env, each finished episode
+reset at once from the next training seed, episode statistics, and restarts when a simulator process dies.
+
+Online algorithms (PPO's rollout buffer, online IQL's replay buffer) call ``step(action_fn)`` and get one
+transition per env; evaluation rollouts (``toolkit.envs.rollout``) keep their own loop over fixed seeds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from toolkit.envs.rollout import WORKER_DIED
+from toolkit.envs.vector import make_vector_env, reset_some, update_instructions
+
+log = logging.getLogger(__name__)
+
+
+class EnvStepper:
+    """``num_envs`` copies of ``env_cfg``; episode ``k`` of training is reset with seed ``seed + k``.
+
+    ``step(action_fn)``: ``action_fn(obs, fresh)`` gets the current observations (with ``instruction``) and
+    the mask of envs whose episode just started, returns actions ``[E, ...]``; the envs step; finished
+    episodes are recorded and reset. Returns the transition: ``obs`` (what the actions saw), ``action``,
+    ``reward``, ``terminated``, ``truncated``, ``next_obs`` (the step's true next observation, before any
+    reset), ``success``.
+    """
+
+    def __init__(self, env_cfg: Any, num_envs: int, seed: int, stats_window: int = 100) -> None:
+        self.env_cfg, self.num_envs, self.seed = env_cfg, num_envs, seed
+        self.env_steps = 0  # transitions taken, over all envs (restored on resume)
+        self.episodes_started = 0  # the next episode's seed is seed + episodes_started
+        self.episodes_done = 0
+        self.recent: deque[dict[str, float]] = deque(maxlen=stats_window)  # finished episodes' stats
+        self.dropped_episodes = 0  # lost to simulator crashes
+        self.restarts = 0
+        self._envs = None
+        self._obs: dict[str, np.ndarray] | None = None
+        self._fresh = np.ones(num_envs, bool)
+        self._instructions = np.full(num_envs, None, dtype=object)
+        self._return = np.zeros(num_envs)
+        self._length = np.zeros(num_envs, int)
+
+    # --- episodes ------------------------------------------------------------------------------
+    def _start(self, mask: np.ndarray) -> None:
+        seeds = [self.seed + self.episodes_started + i for i in range(int(mask.sum()))]
+        self.episodes_started += len(seeds)
+        self._obs = reset_some(self._envs, mask, seeds, self._obs)
+        update_instructions(self._envs, mask, self._instructions)
+        self._fresh |= mask
+        self._return[mask], self._length[mask] = 0.0, 0
+
+    def _open(self) -> None:
+        self._envs = make_vector_env(self.env_cfg, self.num_envs)
+        self._obs = None
+        self._start(np.ones(self.num_envs, bool))
+
+    @property
+    def fresh(self) -> np.ndarray:
+        """Envs whose current observation is the first of an episode (no action taken yet)."""
+        return self._fresh.copy()
+
+    def observation(self) -> dict[str, Any]:
+        """The current observations of every env (``instruction`` included)."""
+        if self._envs is None:
+            self._open()
+        return {**self._obs, "instruction": self._instructions.copy()}
+
+    # --- stepping ------------------------------------------------------------------------------
+    def step(self, action_fn: Callable[[dict[str, Any], np.ndarray], np.ndarray]) -> dict[str, Any]:
+        while True:
+            obs = self.observation()
+            fresh = self._fresh.copy()
+            try:
+                action = np.asarray(action_fn(obs, fresh))
+                self._fresh[:] = False
+                next_obs, reward, terminated, truncated, info = self._envs.step(action)
+                break
+            except WORKER_DIED:
+                self._restart()
+        reward = np.asarray(reward, np.float64)
+        self.env_steps += self.num_envs
+        self._return += reward
+        self._length += 1
+        ended = terminated | truncated
+        success = np.asarray(info["success"], bool)
+        for i in np.flatnonzero(ended):
+            self.recent.append({"return": float(self._return[i]), "length": float(self._length[i]),
+                                "success": float(success[i])})
+            self.episodes_done += 1
+        transition = {"obs": obs, "action": action, "reward": reward, "terminated": np.asarray(terminated, bool),
+                      "truncated": np.asarray(truncated, bool), "next_obs": next_obs, "success": success}
+        self._obs = next_obs
+        if ended.any():
+            self._start(ended)
+        return transition
+
+    def _restart(self) -> None:
+        """A simulator process died: its partial episodes (every env's, since a vector env steps together)
+        are dropped, the envs restart and fresh episodes begin."""
+        self.dropped_episodes += self.num_envs
+        self.restarts += 1
+        log.warning(f"a simulator process died during online training: {self.num_envs} partial episode(s) dropped, "
+                    f"restarting the envs")
+        try:
+            self._envs.close(terminate=True)
+        except Exception:  # noqa: BLE001: already broken
+            pass
+        self._envs = None
+        self._open()
+
+    def episode_stats(self) -> dict[str, float]:
+        """Mean success / return / length of the last ``stats_window`` finished episodes ({} before the first)."""
+        if not self.recent:
+            return {}
+        return {k: float(np.mean([e[k] for e in self.recent])) for k in ("success", "return", "length")}
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"env_steps": self.env_steps, "episodes_started": self.episodes_started,
+                "episodes_done": self.episodes_done, "recent": list(self.recent),
+                "dropped_episodes": self.dropped_episodes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Counters and statistics continue; episodes that were running when the checkpoint was written are
+        not restored (simulator state is not saved): fresh ones start from the next seeds."""
+        self.env_steps, self.episodes_started = int(state["env_steps"]), int(state["episodes_started"])
+        self.episodes_done, self.dropped_episodes = int(state["episodes_done"]), int(state["dropped_episodes"])
+        self.recent.clear()
+        self.recent.extend(state["recent"])
+        if self._envs is not None:
+            self._envs.close()
+            self._envs = None
+
+    def close(self) -> None:
+        if self._envs is not None:
+            self._envs.close()
+            self._envs = None

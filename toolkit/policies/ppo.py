@@ -1,0 +1,201 @@
+"""PPO (Schulman et al., 2017) on the toolkit's policies, for online fine-tuning as FLaRe does it.
+
+Read top to bottom, as CleanRL's ``ppo.py``: the actor is the BC transformer (same encoder, trunk and head,
+so a BC checkpoint loads into it as it is: ``init_from``), its first predicted action the mean of a
+Gaussian with a learned log-std (continuous) or the logits of a categorical (discrete). The critic is its
+own trunk and value head (``separate_critic``, FLaRe) or a value head on the actor's trunk. Each update
+cycle collects ``n_steps`` steps of every env with the current policy (``online_batches``), computes GAE
+advantages, and yields ``n_epochs`` passes of shuffled minibatches of ``batch_size`` to ``training_step``
+(``trainer.max_steps`` counts these minibatch updates). Rollout windows hold cached encoder features when
+the encoder is frozen, so neither acting nor updating re-encodes a frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions import Categorical, Normal
+
+from toolkit.policies.bc_transformer import BCTransformer
+from toolkit.policies.trunk import make_trunk
+
+
+class PPO(BCTransformer):
+    online = True  # train.py feeds it from the simulator (toolkit.datamodules.online), not from a file
+
+    def __init__(
+        self,
+        *args,
+        n_steps: int = 128,
+        n_epochs: int = 4,
+        batch_size: int = 64,
+        gamma: float = 0.99,
+        gae_lambda: float = 0.95,
+        clip_coef: float = 0.2,
+        clip_vloss: bool = False,
+        norm_adv: bool = True,
+        ent_coef: float = 0.0,
+        vf_coef: float = 0.5,
+        separate_critic: bool = True,
+        freeze_encoder: bool = False,
+        init_log_std: float = -1.0,
+        target_kl: float | None = None,
+        **kwargs,
+    ) -> None:
+        # a stochastic forward would make the probability ratio noise: no dropout, no augmentation
+        super().__init__(*args, **{**kwargs, "dropout": 0.0, "augment_shift": 0})
+        self.n_steps, self.n_epochs, self.batch_size = n_steps, n_epochs, batch_size
+        self.gamma, self.gae_lambda, self.clip_coef, self.clip_vloss = gamma, gae_lambda, clip_coef, clip_vloss
+        self.norm_adv, self.ent_coef, self.vf_coef, self.target_kl = norm_adv, ent_coef, vf_coef, target_kl
+        if freeze_encoder:  # FLaRe: the pretrained visual encoder stays as it is
+            self.encoder.frozen = True
+            self.encoder._apply_freeze()
+        if not self.discrete:
+            self.log_std = nn.Parameter(torch.full((self.action_dim,), float(init_log_std)))
+        hp = self.hparams
+        self.critic_trunk = make_trunk(hp.get("trunk", "transformer"), len(self.rgb_keys) * self.encoder.num_tokens,
+                                       self.encoder.out_dim, self.state_dim, self.history, hp.get("d_model", 128),
+                                       hp.get("num_layers", 2), hp.get("num_heads", 4), 0.0,
+                                       hp.get("lang_dim")) if separate_critic else None
+        width = (self.critic_trunk or self.trunk).out_dim
+        d_model = hp.get("d_model", 128)
+        self.value_head = nn.Sequential(nn.Linear(width, d_model), nn.GELU(), nn.Linear(d_model, 1))
+
+    # --- the policy and value ------------------------------------------------------------------
+    def distribution_and_value(self, obs: dict[str, torch.Tensor]) -> tuple[torch.distributions.Distribution, torch.Tensor]:
+        """The action distribution at the last step of each window (normalized actions, or indices) and V."""
+        tokens = self.encode_images(obs)  # shared by actor and critic (features, or a fine-tuned encoder)
+        state, lang = self.state_norm.normalize(obs["state"]), obs.get("lang")
+        z = self.trunk(tokens, state, lang)
+        first = self.head(z).view(len(z), self.horizon, self.out_per_step)[:, 0]  # BC's chunk: its first action
+        dist = Categorical(logits=first) if self.discrete else Normal(first, self.log_std.exp().expand_as(first))
+        value = self.value_head(self.critic_trunk(tokens, state, lang) if self.critic_trunk is not None else z)
+        return dist, value.squeeze(-1)
+
+    def log_prob(self, dist: torch.distributions.Distribution, action: torch.Tensor) -> torch.Tensor:
+        return dist.log_prob(action.long()) if self.discrete else dist.log_prob(action).sum(-1)
+
+    def entropy(self, dist: torch.distributions.Distribution) -> torch.Tensor:
+        return dist.entropy() if self.discrete else dist.entropy().sum(-1)
+
+    # --- the loss ------------------------------------------------------------------------------
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Clipped surrogate + (optionally clipped) value loss - entropy bonus, on one minibatch of
+        ``obs`` windows, ``action`` (normalized, or indices), ``logprob``, ``value``, ``advantage``, ``ret``."""
+        dist, value = self.distribution_and_value(batch["obs"])
+        logprob = self.log_prob(dist, batch["action"])
+        logratio = logprob - batch["logprob"]
+        ratio = logratio.exp()
+        adv = batch["advantage"]
+        if self.norm_adv and len(adv) > 1:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        policy_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - self.clip_coef, 1 + self.clip_coef)).mean()
+        if self.clip_vloss:
+            clipped = batch["value"] + (value - batch["value"]).clamp(-self.clip_coef, self.clip_coef)
+            value_loss = 0.5 * torch.max((value - batch["ret"]) ** 2, (clipped - batch["ret"]) ** 2).mean()
+        else:
+            value_loss = 0.5 * ((value - batch["ret"]) ** 2).mean()
+        entropy = self.entropy(dist).mean()
+        with torch.no_grad():
+            approx_kl = ((ratio - 1) - logratio).mean()  # http://joschu.net/blog/kl-approx.html
+            clipfrac = ((ratio - 1).abs() > self.clip_coef).float().mean()
+        return {"loss": policy_loss - self.ent_coef * entropy + self.vf_coef * value_loss,
+                "policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy,
+                "approx_kl": approx_kl, "clipfrac": clipfrac}
+
+    # --- rollouts: the data of one update cycle ------------------------------------------------
+    def gae(self, reward: torch.Tensor, value: torch.Tensor, done: torch.Tensor, last_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generalized advantage estimation over ``[S, E]`` steps; ``done[t]`` ends the episode after step t
+        (a truncated episode's bootstrap value is already in its reward). Returns (advantages, returns)."""
+        advantage = torch.zeros_like(reward)
+        last = torch.zeros_like(last_value)
+        for t in reversed(range(len(reward))):
+            next_value = last_value if t == len(reward) - 1 else value[t + 1]
+            alive = 1.0 - done[t]
+            delta = reward[t] + self.gamma * next_value * alive - value[t]
+            last = delta + self.gamma * self.gae_lambda * alive * last
+            advantage[t] = last
+        return advantage, advantage + value
+
+    @torch.no_grad()
+    def _sample(self, obs: dict[str, Any], fresh: np.ndarray, step: dict[str, Any]) -> np.ndarray:
+        """Act in every env: push the observations into the histories, sample, and fill ``step`` with what
+        the update needs (filled anew if a simulator crash makes the stepper ask again)."""
+        if fresh.any():
+            self.reset(fresh)
+        lang = self._instruction_embedding(obs)
+        hist, _ = self.observe(obs)
+        window = {k: v.clone() for k, v in hist.items()} | ({"lang": lang} if lang is not None else {})
+        dist, value = self.distribution_and_value(window)
+        action = dist.sample()
+        step.update(obs=window, action=action, logprob=self.log_prob(dist, action), value=value)
+        if self.discrete:
+            return action[:, None].cpu().numpy()
+        return self.unnormalize_action(action).cpu().numpy()
+
+    @torch.no_grad()
+    def _value_of(self, obs: dict[str, Any], mask: np.ndarray, fresh: np.ndarray | None = None) -> torch.Tensor:
+        """V of ``obs`` as the next step after the current histories (nothing is pushed), for the envs in
+        ``mask``; an env in ``fresh`` has just started an episode: its window is ``obs`` alone, padded."""
+        idx = torch.as_tensor(np.flatnonzero(mask), device=self.device)
+        x = self.step_inputs({k: np.asarray(v)[mask] for k, v in obs.items() if k != "instruction"})
+        new = torch.as_tensor(np.zeros(len(mask), bool) if fresh is None else fresh, device=self.device)[idx]
+        window = {}
+        for k, v in x.items():
+            rolled = torch.cat([self._hist[k][idx, 1:], v[:, None]], dim=1)
+            window[k] = torch.where(new.view(-1, *[1] * (rolled.dim() - 1)), v[:, None].expand_as(rolled), rolled)
+        if self.language_conditioned:
+            window["lang"] = self._instruction_embedding({"instruction": obs["instruction"][mask]})
+        return self.distribution_and_value(window)[1]
+
+    def online_batches(self, stepper) -> Iterator[dict[str, Any]]:
+        """One update cycle: ``n_steps`` steps of every env of ``stepper`` (toolkit.envs.stepper.EnvStepper),
+        GAE, then ``n_epochs`` passes of shuffled minibatches (each a dict for ``training_step``)."""
+        was_training = self.training
+        self.eval()
+        buffer: dict[str, list] = {"obs": [], "action": [], "logprob": [], "value": [], "reward": [], "done": []}
+        for _ in range(self.n_steps):
+            restarts, step = stepper.restarts, {}
+            tr = stepper.step(lambda obs, fresh: self._sample(obs, fresh, step))
+            if stepper.restarts != restarts and buffer["done"]:  # a simulator died: those episodes ended there
+                buffer["done"][-1] = torch.ones_like(buffer["done"][-1])
+            for k, v in step.items():
+                buffer[k].append(v)
+            reward = torch.as_tensor(tr["reward"], dtype=torch.float32, device=self.device)
+            if tr["truncated"].any():  # a time limit is not the task's end: bootstrap from V(s_T) (as SB3 does)
+                next_obs = {**tr["next_obs"], "instruction": tr["obs"]["instruction"]}
+                reward[torch.as_tensor(tr["truncated"])] += self.gamma * self._value_of(next_obs, tr["truncated"])
+            buffer["reward"].append(reward)
+            buffer["done"].append(torch.as_tensor(tr["terminated"] | tr["truncated"], dtype=torch.float32, device=self.device))
+        every = np.ones(stepper.num_envs, bool)
+        last_value = self._value_of(stepper.observation(), every, stepper.fresh)
+        self.train(was_training)
+        value, reward, done = (torch.stack(buffer[k]) for k in ("value", "reward", "done"))
+        advantage, ret = self.gae(reward, value, done, last_value)
+        flat = {"obs": {k: torch.cat([w[k] for w in buffer["obs"]]) for k in buffer["obs"][0]},
+                "action": torch.cat(buffer["action"]), "logprob": torch.cat(buffer["logprob"]),
+                "value": value.flatten(), "advantage": advantage.flatten(), "ret": ret.flatten()}
+        total = len(flat["action"])
+        for _ in range(self.n_epochs):
+            order = torch.randperm(total, device=self.device)
+            for start in range(0, total - self.batch_size + 1, self.batch_size):
+                idx = order[start:start + self.batch_size]
+                yield {"obs": {k: v[idx] for k, v in flat["obs"].items()},
+                       **{k: flat[k][idx] for k in ("action", "logprob", "value", "advantage", "ret")}}
+
+    # --- Lightning -----------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = self.compute_loss(batch)
+        if self._loggers_write_this_step():
+            self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(batch["action"]))
+            env = self.trainer.datamodule.env_metrics()
+            self.log_dict({k: v for k, v in env.items() if k in ("env/steps", "env/success")}, prog_bar=True)
+            self.log_dict({k: v for k, v in env.items() if k not in ("env/steps", "env/success")})
+        return losses["loss"]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Validation is the rollout callback's evaluation at unseen seeds: no held-out loss online."""
