@@ -174,6 +174,12 @@ def test_dinov2_keeps_official_pos_embed(fair, variant):
     assert grad.abs().sum() > 0
     frozen = DINOv2Encoder(variant, weights=str(path), image_size=126)
     assert frozen(images(1, 64, 64)).grad_fn is None and frozen.model.pos_embed.grad is None
+    # frozen: the interpolated embedding is cached, and recomputed when pos_embed changes
+    first = frozen.model.interpolated_pos_embed((9, 9), torch.float32)
+    assert frozen.model.interpolated_pos_embed((9, 9), torch.float32) is first
+    with torch.no_grad():
+        frozen.model.pos_embed.mul_(2)
+    torch.testing.assert_close(frozen.model.interpolated_pos_embed((9, 9), torch.float32)[:, -81:], 2 * first[:, -81:])
 
 
 @pytest.mark.parametrize("variant", list(VARIANT_REGISTERS))

@@ -69,10 +69,30 @@ class RuntimePosEmbedViT(VisionTransformer):
     the input's patch grid in every forward (``forward_features``, ``forward_intermediates``), with FAIR's
     ``interpolate_pos_encoding`` (:func:`interpolate_pos_embed_fair`). Made from a timm model by
     :func:`keep_pos_embed_grid`; the tokens are then concatenated and added exactly as timm does (for
-    ``no_embed_class`` models the class position is folded into ``cls_token``, as timm's converter does)."""
+    ``no_embed_class`` models the class position is folded into ``cls_token``, as timm's converter does).
+
+    Without gradients to ``pos_embed`` (a frozen encoder, or ``no_grad``) the interpolated embedding is cached per
+    grid and dtype and recomputed whenever ``pos_embed`` changes (in-place updates, loading, moving); with them it
+    is interpolated in every forward, so fine-tuning trains the stored trained-grid ``pos_embed``."""
 
     pos_embed_offset: float = 0.1
     pos_embed_antialias: bool = False
+
+    def interpolated_pos_embed(self, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """``pos_embed`` at ``grid`` (see :func:`interpolate_pos_embed_fair`)."""
+        pos = self.pos_embed
+        prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        if (torch.is_grad_enabled() and pos.requires_grad) or pos.device.type == "meta":
+            return interpolate_pos_embed_fair(pos, grid, prefix, self.pos_embed_offset, self.pos_embed_antialias, dtype)
+        key = (tuple(grid), dtype, pos.device, pos.dtype, pos.data_ptr(), pos._version,
+               self.pos_embed_offset, self.pos_embed_antialias, torch.is_inference_mode_enabled())
+        cached = self.__dict__.get("_pos_embed_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                value = interpolate_pos_embed_fair(pos, grid, prefix, self.pos_embed_offset,
+                                                   self.pos_embed_antialias, dtype)
+            cached = self.__dict__["_pos_embed_cache"] = (key, value)
+        return cached[1]
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_img_size:
@@ -81,9 +101,7 @@ class RuntimePosEmbedViT(VisionTransformer):
             x = x.view(b, -1, c)
         else:
             grid = tuple(self.patch_embed.grid_size)
-        pos_embed = interpolate_pos_embed_fair(
-            self.pos_embed, grid, 0 if self.no_embed_class else self.num_prefix_tokens,
-            self.pos_embed_offset, self.pos_embed_antialias, x.dtype)
+        pos_embed = self.interpolated_pos_embed(grid, x.dtype)
         to_cat = []
         if self.cls_token is not None:
             to_cat.append(self.cls_token.expand(x.shape[0], -1, -1))
