@@ -49,6 +49,8 @@ def cache_path(encoder: torch.nn.Module, encoder_cfg: dict, data_path: Path, ima
     key = {
         "encoder": {k: v for k, v in encoder_cfg.items() if k not in ("freeze", "train_last_blocks")},
         "weights": weights_hash(encoder),
+        # what the weights alone do not say (CLIP's QuickGELU, decided from the file's content)
+        "fingerprint": encoder.weights_fingerprint() if hasattr(encoder, "weights_fingerprint") else None,
         "frames": frame_shapes,
         "input_size": getattr(encoder, "image_size", None),
         "dataset": dataset_fingerprint(data_path),
