@@ -24,14 +24,35 @@ from toolkit.envs.stepper import EnvStepper
 from toolkit.envs.vector import check_env, make_env
 
 
+class _NextBatch:
+    """What the data loader yields: a claim on the policy's next minibatch, made real only when the training
+    loop is about to train on it (``OnlineDataModule.on_before_batch_transfer``). Lightning fetches one batch
+    ahead of the step it trains; were the minibatches themselves yielded, the fetch that follows a cycle's last
+    minibatch would step the envs for the next cycle before that minibatch's update (acting with weights one
+    update old, and counting env steps that a checkpoint written at that step never trained on)."""
+
+    __slots__ = ("batches",)
+
+    def __init__(self, batches) -> None:
+        self.batches = batches
+
+    def __call__(self) -> dict[str, Any]:
+        return next(self.batches)
+
+
 class _OnlineBatches(IterableDataset):
     def __init__(self, datamodule: "OnlineDataModule") -> None:
         self.datamodule = datamodule
 
-    def __iter__(self):
+    def _batches(self):
         policy = self.datamodule.trainer.lightning_module
         while True:
             yield from policy.online_batches(self.datamodule.stepper)
+
+    def __iter__(self):
+        batches = self._batches()
+        while True:
+            yield _NextBatch(batches)
 
 
 class OnlineDataModule(L.LightningDataModule):
@@ -98,6 +119,10 @@ class OnlineDataModule(L.LightningDataModule):
         self._started, self._steps_at_start = time.perf_counter(), self.stepper.env_steps
         # the main process steps the envs with the module's current weights: no workers
         return DataLoader(_OnlineBatches(self), batch_size=None, num_workers=0)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # the training loop is about to train on this batch: step the envs now if its cycle needs them
+        return batch() if isinstance(batch, _NextBatch) else batch
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader([{}], batch_size=None)

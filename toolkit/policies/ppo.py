@@ -64,6 +64,7 @@ class PPO(BCTransformer):
         width = (self.critic_trunk or self.trunk).out_dim
         d_model = hp.get("d_model", 128)
         self.value_head = nn.Sequential(nn.Linear(width, d_model), nn.GELU(), nn.Linear(d_model, 1))
+        self._training_hist: tuple = (None, None)  # the training envs' histories (online_batches)
 
     # --- the policy and value ------------------------------------------------------------------
     def distribution_and_value(self, obs: dict[str, torch.Tensor]) -> tuple[torch.distributions.Distribution, torch.Tensor]:
@@ -157,6 +158,9 @@ class PPO(BCTransformer):
         GAE, then ``n_epochs`` passes of shuffled minibatches (each a dict for ``training_step``)."""
         was_training = self.training
         self.eval()
+        # the training envs' observation histories are their own: evaluation rollouts (the rollout callback's
+        # reset/act between two cycles) use the module's rollout history for other envs
+        outside, (self._hist, self._seen) = (self._hist, self._seen), self._training_hist
         buffer: dict[str, list] = {"obs": [], "action": [], "logprob": [], "value": [], "reward": [], "done": []}
         for _ in range(self.n_steps):
             restarts, step = stepper.restarts, {}
@@ -173,6 +177,7 @@ class PPO(BCTransformer):
             buffer["done"].append(torch.as_tensor(tr["terminated"] | tr["truncated"], dtype=torch.float32, device=self.device))
         every = np.ones(stepper.num_envs, bool)
         last_value = self._value_of(stepper.observation(), every, stepper.fresh)
+        self._training_hist, (self._hist, self._seen) = (self._hist, self._seen), outside
         self.train(was_training)
         value, reward, done = (torch.stack(buffer[k]) for k in ("value", "reward", "done"))
         advantage, ret = self.gae(reward, value, done, last_value)

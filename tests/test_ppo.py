@@ -1,0 +1,283 @@
+"""PPO and the online spine: the losses and GAE against hand computations, the truncation bootstrap, learning a
+bandit (discrete and continuous actions), init_from a BC checkpoint, the rollout feature cache, resuming a killed
+online run at the same env step, and a NaN loss stopping the run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from toolkit.datamodules.online import OnlineDataModule
+from toolkit.encoders.impala import ImpalaEncoder
+from toolkit.envs.stepper import EnvStepper
+from toolkit.errors import ToolkitError
+from toolkit.policies.ppo import PPO
+
+from conftest import ROOT, run_train
+
+BANDIT = {"_target_": "bandit_env.BanditEnv"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: with 2 threads on this busy 2-core machine torch's GELU/tanh take ~15 ms a call (a thread
+    wake-up each), with 1 thread 0.01 ms."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def bandit(**kwargs) -> dict:
+    return {**BANDIT, **kwargs}
+
+
+def make_ppo(env: dict | None = None, *, shape_meta: dict | None = None, stats: dict | None = None,
+             encoder=None, seed: int = 0, **kwargs) -> PPO:
+    """A small PPO: an MLP (concat trunk) on the env's state unless told otherwise."""
+    if env is not None:
+        dm = OnlineDataModule(env, num_envs=1, seed=0)
+        shape_meta, stats = dm.shape_meta, dm.stats
+        if env.get("discrete", True):
+            kwargs = {"action_type": "discrete", "num_actions": env.get("num_contexts", 2), **kwargs}
+    torch.manual_seed(seed)
+    encoder = encoder or ImpalaEncoder(image_size=16, channels=(4,), num_blocks=1, out_dim=8)
+    defaults = dict(optimizer=partial(torch.optim.Adam), history=1, trunk="concat", d_model=32, n_steps=8,
+                    n_epochs=1, batch_size=8, lr=3e-3)
+    return PPO(encoder, shape_meta, stats, **{**defaults, **kwargs})
+
+
+def state_meta(state_dim: int, action_dim: int) -> tuple[dict, dict]:
+    shape_meta = {"rgb_keys": [], "image_shape": {}, "state_dim": state_dim, "action_dim": action_dim}
+    stats = {"obs/state": {"mean": [0.0] * state_dim, "std": [1.0] * state_dim},
+             "actions": {"mean": [0.0] * action_dim, "std": [1.0] * action_dim,
+                         "min": [-1.0] * action_dim, "max": [1.0] * action_dim}}
+    return shape_meta, stats
+
+
+def trainer(max_steps: int, **kwargs) -> L.Trainer:
+    return L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu",
+                     **kwargs)
+
+
+# --- the losses, by hand ----------------------------------------------------------------------------------------
+def _gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+def _mlp(seq: torch.nn.Sequential, x: np.ndarray) -> np.ndarray:
+    """Linear-GELU-Linear in numpy, from the module's weights."""
+    w1, b1, w2, b2 = (p.detach().double().numpy() for p in (seq[0].weight, seq[0].bias, seq[2].weight, seq[2].bias))
+    return _gelu(x @ w1.T + b1) @ w2.T + b2
+
+
+@pytest.mark.parametrize("discrete", [False, True], ids=["continuous", "discrete"])
+@pytest.mark.parametrize("clip_vloss", [False, True], ids=["value", "clipped_value"])
+def test_clipped_objective_value_loss_and_entropy_by_hand(discrete, clip_vloss):
+    b, ds, da, n = 16, 5, 2, 3
+    shape_meta, stats = state_meta(ds, 1 if discrete else da)
+    extra = {"action_type": "discrete", "num_actions": n} if discrete else {}
+    policy = make_ppo(shape_meta=shape_meta, stats=stats, clip_vloss=clip_vloss, ent_coef=0.03, vf_coef=0.7,
+                      clip_coef=0.2, **extra).double()
+    g = np.random.default_rng(0)
+    state = g.normal(size=(b, 1, ds))
+    action = g.integers(0, n, (b,)).astype(float) if discrete else g.normal(size=(b, da))
+    # the network, by hand: concat trunk (history 1, state only) = the state; an MLP head and value head on it
+    z = state[:, 0]
+    out, value = _mlp(policy.head, z), _mlp(policy.value_head, z)[:, 0]
+    if discrete:
+        logits = out - out.max(1, keepdims=True)
+        logp_all = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+        logprob = logp_all[np.arange(b), action.astype(int)]
+        entropy = -(np.exp(logp_all) * logp_all).sum(1)
+    else:
+        log_std = policy.log_std.detach().double().numpy()
+        logprob = (-0.5 * ((action - out) / np.exp(log_std)) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(1)
+        entropy = np.full(b, (0.5 + 0.5 * np.log(2 * np.pi) + log_std).sum())
+    # the rollout's (old) log-probabilities and values: ratios inside and outside [1 - clip, 1 + clip]
+    old_logprob = logprob + g.uniform(-0.5, 0.5, b)
+    old_value = value + g.uniform(-0.4, 0.4, b)
+    advantage, ret = g.normal(size=b) * 2 + 0.5, g.normal(size=b)
+    ratio = np.exp(logprob - old_logprob)
+    assert (np.abs(ratio - 1) > 0.2).any() and (np.abs(ratio - 1) < 0.2).any()
+    adv = (advantage - advantage.mean()) / (advantage.std(ddof=1) + 1e-8)
+    policy_loss = np.mean(np.maximum(-adv * ratio, -adv * np.clip(ratio, 0.8, 1.2)))
+    if clip_vloss:
+        clipped = old_value + np.clip(value - old_value, -0.2, 0.2)
+        value_loss = 0.5 * np.mean(np.maximum((value - ret) ** 2, (clipped - ret) ** 2))
+    else:
+        value_loss = 0.5 * np.mean((value - ret) ** 2)
+    t = partial(torch.tensor, dtype=torch.float64)
+    batch = {"obs": {"state": t(state)}, "action": t(action), "logprob": t(old_logprob), "value": t(old_value),
+             "advantage": t(advantage), "ret": t(ret)}
+    out = {k: v.item() for k, v in policy.compute_loss(batch).items()}
+    assert out["policy_loss"] == pytest.approx(policy_loss, rel=1e-9)
+    assert out["value_loss"] == pytest.approx(value_loss, rel=1e-9)
+    assert out["entropy"] == pytest.approx(entropy.mean(), rel=1e-9)
+    assert out["loss"] == pytest.approx(policy_loss - 0.03 * entropy.mean() + 0.7 * value_loss, rel=1e-9)
+    assert out["clipfrac"] == pytest.approx(np.mean(np.abs(ratio - 1) > 0.2))
+    assert out["approx_kl"] == pytest.approx(np.mean(ratio - 1 - np.log(ratio)), rel=1e-9)
+
+
+def test_gae_matches_a_hand_loop_over_episode_ends():
+    s, e, gamma, lam = 7, 3, 0.9, 0.8
+    policy = make_ppo(shape_meta=state_meta(2, 1)[0], stats=state_meta(2, 1)[1], gamma=gamma, gae_lambda=lam)
+    g = np.random.default_rng(1)
+    reward, value, last_value = g.normal(size=(s, e)), g.normal(size=(s, e)), g.normal(size=e)
+    done = np.zeros((s, e))
+    done[2, 0] = done[3, 0] = done[6, 1] = done[0, 2] = 1  # a 1-step episode, an end at the last step, ...
+    # by hand, forward: A_t = sum_l (gamma lam)^l delta_{t+l} over the rest of the episode that step t is in,
+    # delta_t = r_t + gamma V(s_{t+1}) (0 after the episode's last step) - V(s_t); V(s_S) = last_value
+    next_value = np.concatenate([value[1:], last_value[None]])
+    delta = reward + gamma * next_value * (1 - done) - value
+    expected = np.zeros((s, e))
+    for env in range(e):
+        for t in range(s):
+            for u in range(t, s):
+                expected[t, env] += (gamma * lam) ** (u - t) * delta[u, env]
+                if done[u, env]:
+                    break
+    t32 = partial(torch.tensor, dtype=torch.float64)
+    adv, ret = policy.gae(t32(reward), t32(value), t32(done), t32(last_value))
+    np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(ret.numpy(), expected + value, rtol=1e-12)
+    # lambda = 1: the return is the discounted reward to the episode's end, plus gamma^k V(s_S) if it goes on
+    policy.gae_lambda = 1.0
+    _, ret = policy.gae(t32(reward), t32(value), t32(done), t32(last_value))
+    for env in range(e):
+        for t in range(s):
+            g_t, k = 0.0, 0
+            for u in range(t, s):
+                g_t += gamma ** k * reward[u, env]
+                k += 1
+                if done[u, env]:
+                    break
+            else:
+                g_t += gamma ** k * last_value[env]
+            assert ret[t, env].item() == pytest.approx(g_t, rel=1e-12)
+
+
+def test_truncated_episodes_bootstrap_from_the_value_of_their_last_observation():
+    """A time limit is not the task's end: a truncated step's reward gets gamma * V(s_T), with s_T the window
+    of its true next observation (before the reset); a terminated step's does not."""
+    env = bandit(max_episode_steps=3, terminal_time_limit=False)  # right action: success ends; else truncated at 3
+    policy = make_ppo(env, history=2, n_steps=12, gamma=0.9)
+    stepper = EnvStepper(env, num_envs=2, seed=0)
+    windows, transitions, rewards = [], [], []
+    sample, step, gae = policy._sample, stepper.step, policy.gae
+
+    def recording_sample(obs, fresh, into):
+        out = sample(obs, fresh, into)
+        windows.append(into["obs"]["state"].clone())
+        return out
+
+    def recording_step(fn):
+        transitions.append(step(fn))
+        return transitions[-1]
+
+    def recording_gae(reward, *args):
+        rewards.append(reward.clone())
+        return gae(reward, *args)
+
+    policy._sample, stepper.step, policy.gae = recording_sample, recording_step, recording_gae
+    try:
+        list(policy.online_batches(stepper))
+    finally:
+        stepper.close()
+    (reward,) = rewards
+    truncated = np.stack([tr["truncated"] for tr in transitions])
+    terminated = np.stack([tr["terminated"] for tr in transitions])
+    assert truncated.any() and terminated.any()
+    policy.eval()
+    for t, tr in enumerate(transitions):
+        for i in range(2):
+            expected = tr["reward"][i]
+            if truncated[t, i]:
+                last = torch.as_tensor(tr["next_obs"]["state"][i], dtype=torch.float32)
+                window = torch.cat([windows[t][i, 1:], last[None]])[None]  # the history, then s_T
+                with torch.no_grad():
+                    expected += 0.9 * policy.distribution_and_value({"state": window})[1].item()
+                assert tr["next_obs"]["state"][i][-1] == 1.0  # s_T itself (t = 3 of 3), not the next reset
+            assert reward[t, i].item() == pytest.approx(expected, rel=1e-6)
+
+
+# --- the online loop --------------------------------------------------------------------------------------------
+def test_every_update_cycle_acts_with_the_weights_of_all_updates_before_it():
+    """Lightning fetches a batch ahead of the step that trains on it: the next cycle's env steps must still wait
+    for the last update of the cycle before (else they act with old weights, and a checkpoint written at a cycle's
+    last step counts env steps it never trained on)."""
+    env = bandit()
+    dm = OnlineDataModule(env, num_envs=1, seed=0, batch_size=4, history=1)
+    policy = make_ppo(env, n_steps=4, n_epochs=2, batch_size=2)  # 2 minibatches x 2 epochs = 4 updates per cycle
+    seen, train_step = [], policy.training_step
+
+    def recording(batch, batch_idx):
+        seen.append(dm.stepper.env_steps)
+        return train_step(batch, batch_idx)
+
+    policy.training_step = recording
+    trainer(max_steps=9).fit(policy, dm)
+    assert seen == [4] * 4 + [8] * 4 + [12]
+    assert dm.stepper.env_steps == 12  # ceil(9 / 4) cycles of 4 steps
+
+
+def test_evaluation_rollouts_between_cycles_leave_the_training_histories_alone():
+    """The rollout callback runs reset/act on the same module (other envs, other count) between two update
+    cycles: the training envs' observation windows must go on as if it had not."""
+    env = bandit(max_episode_steps=5, terminate_on_success=False, terminal_time_limit=False)
+
+    def windows(evaluate: bool) -> list[torch.Tensor]:
+        policy = make_ppo(env, history=3, n_steps=3, batch_size=6)
+        stepper = EnvStepper(env, num_envs=2, seed=0)
+        torch.manual_seed(1)
+        out = []
+        try:
+            for _ in range(3):
+                out += [b["obs"]["state"] for b in policy.online_batches(stepper)]
+                if evaluate:
+                    policy.reset()
+                    policy.act({"state": np.full((3, 3), 0.5, np.float32)})
+        finally:
+            stepper.close()
+        return out
+
+    for a, b in zip(windows(False), windows(True), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("discrete", [True, False], ids=["discrete", "continuous"])
+def test_ppo_learns_the_rewarded_action_of_a_bandit(discrete):
+    env = bandit(discrete=discrete, num_contexts=2)
+    dm = OnlineDataModule(env, num_envs=1, seed=0, batch_size=16, history=1)
+    # continuous: once every sample is right, every reward is 1 and normalized advantages are the value's noise,
+    # which makes the Gaussian's mean drift back; raw advantages are ~0 there
+    policy = make_ppo(env, n_steps=32, n_epochs=4, batch_size=16, lr=1e-2, ent_coef=0.0, norm_adv=discrete)
+    trainer(max_steps=160, gradient_clip_val=1.0).fit(policy, dm)
+    assert dm.stepper.env_steps == 160 // 8 * 32  # one cycle of 32 env steps per 8 updates
+    env_obj = __import__("bandit_env").BanditEnv(**{k: v for k, v in env.items() if k != "_target_"})
+    policy.eval()
+    states = np.eye(2, 3, dtype=np.float32)  # contexts 0 and 1, at t = 0
+    with torch.no_grad():
+        dist, _ = policy.distribution_and_value({"state": torch.as_tensor(states)[:, None]})
+        samples = dist.sample((1000,))  # [1000, contexts(, dims)]
+    for c in range(2):
+        env_obj.context = c
+        if discrete:
+            picked = [env_obj.right(np.array([a])) for a in samples[:, c].numpy()]
+        else:
+            picked = [env_obj.right(a) for a in policy.unnormalize_action(samples[:, c]).numpy()]
+        assert np.mean(picked) > 0.9, (c, np.mean(picked))
+        policy.reset()
+        assert env_obj.right(policy.act({"state": states[c:c + 1]})[0])  # the deterministic action too
+    assert dm.stepper.episode_stats()["success"] > 0.9  # and the last 100 training episodes
