@@ -148,20 +148,27 @@ def test_online_batches_store_the_envs_transitions_in_iql_batches(offline):
     stepper = RecordingStepper(EnvStepper(ENV, 1, seed=500_000))
     try:
         batches = list(policy.online_batches(stepper))
+        # an evaluation between cycles (the rollout callback) resets and fills the policy's own histories ...
+        policy.reset()
+        policy.act({k: np.repeat(v, 2, 0) for k, v in stepper.transitions[0]["obs"].items()})
+        policy.collect(stepper, 1)
     finally:
         stepper.stepper.close()
     replay, trs = policy.replay, stepper.transitions
-    assert len(batches) == 3 and replay.n_online == 7 and len(trs) == 7
-    on = {k: v[15:22] for k, v in replay.data.items()}
+    assert len(batches) == 3 and replay.n_online == 8 and len(trs) == 8
+    # ... the training env's episode goes on with its own history
+    assert not replay.data["obs_is_pad"][22].any()
+    assert torch.equal(replay.data["obs/rgb_corner4"][22, 0], replay.data["obs/rgb_corner4"][21, 1])
+    on = {k: v[15:23] for k, v in replay.data.items()}
     # the action the env received, its reward; a time limit is not done (V(s') bootstraps)
     assert torch.equal(on["action"], torch.as_tensor(np.concatenate([t["action"] for t in trs])).float())
     assert on["reward"].tolist() == pytest.approx([float(t["reward"][0]) for t in trs])
-    assert [bool(t["truncated"][0]) for t in trs] == [False] * 4 + [True, False, False]
-    assert on["done"].tolist() == [0.0] * 7
+    assert [bool(t["truncated"][0]) for t in trs] == [False] * 4 + [True, False, False, False]
+    assert on["done"].tolist() == [0.0] * 8
     # windows as the dataset pads them; the next window is the following step's window within an episode
-    assert on["obs_is_pad"][:, 0].tolist() == [True, False, False, False, False, True, False]
-    batch = replay.batch(torch.arange(15, 22))
-    for i in (0, 1, 2, 3, 5):
+    assert on["obs_is_pad"][:, 0].tolist() == [True, False, False, False, False, True, False, False]
+    batch = replay.batch(torch.arange(15, 23))
+    for i in (0, 1, 2, 3, 5, 6):
         for k in ("rgb_corner4", "state"):
             assert torch.equal(batch["next_obs"][k][i], batch["obs"][k][i + 1])
     # the episode's last step: its next observation is the env's final one, not the next episode's first

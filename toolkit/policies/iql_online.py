@@ -169,8 +169,6 @@ def _half_features(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 class IQLOnline(IQLPolicy):
     online = True  # train.py feeds it from the simulator (toolkit.datamodules.online)
-    # policy fields that shape IQL's weights besides init_from.ARCHITECTURE: set them to the offline run's
-    init_from_fields = ("hidden_dim", "actor_head")
 
     def __init__(
         self,
@@ -242,9 +240,9 @@ class IQLOnline(IQLPolicy):
                                                         path, self.rgb_keys)
         episodes.setup("fit")
         mine, theirs = self.hparams["shape_meta"], episodes.shape_meta
-        shapes = lambda meta: [meta["rgb_keys"], meta["state_dim"], meta["action_dim"],  # noqa: E731
-                               [list(meta.get("image_shape", theirs["image_shape"])[k]) for k in meta["rgb_keys"]]]
-        if shapes(mine) != shapes(theirs):
+        fields = ("rgb_keys", "state_dim", "action_dim")
+        if [mine[k] for k in fields] != [theirs[k] for k in fields] or any(
+                list(v) != list(theirs["image_shape"].get(k, ())) for k, v in mine.get("image_shape", {}).items()):
             raise ToolkitError(f"data.path={path} holds other observations or actions than the policy takes: file "
                                f"{theirs}, policy {mine}; point data.path at the file the checkpoint trained on")
         for dataset in (episodes.train_set, episodes.valid_set):
