@@ -69,3 +69,29 @@ class BanditEnv(RobotEnv):
     def env_args(self) -> dict[str, Any]:
         return {"env_name": type(self).__name__, "type": "toolkit",
                 "env_kwargs": {"discrete": self.discrete, "num_contexts": self.num_contexts}}
+
+
+
+def __getattr__(name: str):
+    """``bandit_env.KillAtStep`` (a Lightning callback), built on first use: the env's worker processes import this
+    module and should not pay for importing Lightning."""
+    if name != "KillAtStep":
+        raise AttributeError(name)
+    import os
+    import signal
+
+    import lightning as L
+
+    class KillAtStep(L.Callback):
+        """SIGKILLs its own process when the training step ``step`` is about to start: a machine dying mid-run,
+        after the checkpoints of the steps before were written (checkpoint callbacks run at the end of a step)."""
+
+        def __init__(self, step: int) -> None:
+            self.step = step
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    globals()["KillAtStep"] = KillAtStep
+    return KillAtStep

@@ -281,3 +281,38 @@ def test_ppo_learns_the_rewarded_action_of_a_bandit(discrete):
         policy.reset()
         assert env_obj.right(policy.act({"state": states[c:c + 1]})[0])  # the deterministic action too
     assert dm.stepper.episode_stats()["success"] > 0.9  # and the last 100 training episodes
+
+
+# --- through train.py -------------------------------------------------------------------------------------------
+# PPO on the bandit: 2 envs x 8 steps = 16 env steps per cycle, 2 minibatches x 2 epochs = 4 updates per cycle
+ONLINE = ["policy=ppo", "env=none", "+env._target_=bandit_env.BanditEnv", "data.num_envs=2", "policy.n_steps=8",
+          "data.batch_size=8", "policy.n_epochs=2", "trainer.val_check_interval=1000", "num_threads=1"]
+
+
+def summary_of(root: Path) -> dict:
+    return json.loads(sorted(Path(root, "logs", "debug", "runs").glob("*/summary.json"))[-1].read_text())
+
+
+def test_killed_online_run_resumes_at_the_same_env_step(tmp_path):
+    """SIGKILL after a checkpoint written in the middle of an update cycle, then resume=true: the same global
+    step, the env step count of the checkpoint, the rest of that cycle's updates, then new cycles; the run ends
+    with as many env steps as a run never interrupted."""
+    common = [*ONLINE, "trainer.max_steps=16", "callbacks.last_checkpoint.every_n_train_steps=5"]
+    killed = tmp_path / "killed"
+    proc = run_train(*common, "+callbacks.kill._target_=bandit_env.KillAtStep", "+callbacks.kill.step=7",
+                     root=killed, check=False)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    (last,) = Path(killed, "logs", "debug", "runs").glob("*/checkpoints/last.ckpt")
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 5
+    # Lightning keeps LightningDataModule.state_dict() under the class's qualified name
+    assert ckpt["OnlineDataModule"]["stepper"]["env_steps"] == 32  # cycle 2 was collected for update 5, not 3
+    cycle = ckpt["ppo_cycle"]  # cycle 2, after its first minibatch
+    assert (cycle["epoch"], cycle["start"], len(cycle["data"]["action"])) == (0, 8, 16)
+    proc = run_train(*common, "resume=true", root=killed)
+    assert f"resuming from {last}" in proc.stdout + proc.stderr
+    resumed = summary_of(killed)
+    assert resumed["global_step"] == 16 and resumed["trained_steps"] == 11
+    # a run never interrupted steps the envs once per cycle: ceil(16 / 4) cycles of 16 (the count
+    # test_every_update_cycle_acts_with_the_weights_of_all_updates_before_it checks in process)
+    assert resumed["env/steps"] == 64

@@ -16,7 +16,7 @@ from toolkit.errors import ToolkitError
 
 # policy fields that shape the actor's weights (taken from the checkpoint)
 ARCHITECTURE = ("history", "horizon", "trunk", "d_model", "num_layers", "num_heads", "loss", "lang_dim",
-                "action_type", "num_actions", "blank_images")
+                "action_type", "num_actions", "blank_images", "hidden_dim", "actor_head")
 
 
 def read_init_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -27,7 +27,13 @@ def read_init_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ToolkitError(f"init_from={path}: no such file")
-    ckpt = load_pickled(path)
+    try:
+        ckpt = load_pickled(path)
+    except ToolkitError:
+        raise
+    except Exception as e:  # noqa: BLE001: not a torch file at all (torch's legacy unpickler fails on any bytes)
+        raise ToolkitError(f"init_from={path}: not a policy checkpoint written by this toolkit's train.py "
+                           f"(torch cannot read it: {type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("toolkit_cfg"), dict) or "state_dict" not in ckpt:
         raise ToolkitError(f"init_from={path}: not a policy checkpoint written by this toolkit's train.py "
                            f"(no toolkit_cfg / state_dict)")
@@ -60,8 +66,8 @@ def adopt_checkpoint_config(cfg: DictConfig, ckpt: dict[str, Any], spec, path: s
         cfg.encoder = OmegaConf.create(source["encoder"])
         if source.get("language") is not None:
             cfg.language = OmegaConf.create(source["language"])
-        for key in ARCHITECTURE:
-            if key in source["policy"]:
+        for key in ARCHITECTURE:  # where both policies have the field (an IQL's hidden_dim means nothing to PPO)
+            if key in source["policy"] and key in cfg.policy:
                 cfg.policy[key] = source["policy"][key]
         cfg.data.history = source["policy"].get("history", cfg.data.history)
 
@@ -75,7 +81,7 @@ def load_actor_weights(policy, ckpt: dict[str, Any], path: str | Path) -> None:
     mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in theirs.items()
                   if k in own and v.shape != own[k].shape]
     if unexpected or mismatched:
-        raise ToolkitError(f"init_from={path}: its weights do not fit {type(policy).__name__} "
+        raise ToolkitError(f"init_from={path}: its weights ({ckpt['toolkit_cfg']['policy'].get('_target_')}) do not fit {type(policy).__name__} "
                            f"(not in the policy: {unexpected[:6] or 'none'}; shapes, checkpoint vs policy: "
                            f"{mismatched[:6] or 'none'})")
     policy.load_state_dict(theirs, strict=False)

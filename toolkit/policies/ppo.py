@@ -65,6 +65,8 @@ class PPO(BCTransformer):
         d_model = hp.get("d_model", 128)
         self.value_head = nn.Sequential(nn.Linear(width, d_model), nn.GELU(), nn.Linear(d_model, 1))
         self._training_hist: tuple = (None, None)  # the training envs' histories (online_batches)
+        self._cycle: dict[str, Any] | None = None  # the update cycle in progress: its data and position
+        self._approx_kl: float | None = None  # of the last minibatch (target_kl)
 
     # --- the policy and value ------------------------------------------------------------------
     def distribution_and_value(self, obs: dict[str, torch.Tensor]) -> tuple[torch.distributions.Distribution, torch.Tensor]:
@@ -155,7 +157,32 @@ class PPO(BCTransformer):
 
     def online_batches(self, stepper) -> Iterator[dict[str, Any]]:
         """One update cycle: ``n_steps`` steps of every env of ``stepper`` (toolkit.envs.stepper.EnvStepper),
-        GAE, then ``n_epochs`` passes of shuffled minibatches (each a dict for ``training_step``)."""
+        GAE, then ``n_epochs`` passes of shuffled minibatches (each a dict for ``training_step``), fewer when
+        ``target_kl`` is set and a minibatch's approximate KL exceeds it. The cycle's data and position are in
+        checkpoints (``on_save_checkpoint``): a run resumed from a checkpoint written in the middle of a cycle
+        finishes that cycle's updates before it steps the envs again."""
+        if self._cycle is None:
+            self._cycle = {"data": self._collect(stepper), "epoch": 0, "start": 0, "order": None}
+        cycle, self._approx_kl = self._cycle, None
+        cycle["data"], cycle["order"] = _to(cycle["data"], self.device), _to(cycle["order"], self.device)
+        data = cycle["data"]
+        total = len(data["action"])
+        while cycle["epoch"] < self.n_epochs:
+            if cycle["order"] is None:
+                cycle["order"] = torch.randperm(total, device=self.device)
+            while cycle["start"] + self.batch_size <= total:
+                if self.target_kl is not None and self._approx_kl is not None and self._approx_kl > self.target_kl:
+                    self._cycle = None  # early stop (SB3, CleanRL): the policy moved far enough from the rollout's
+                    return
+                idx = cycle["order"][cycle["start"]:cycle["start"] + self.batch_size]
+                cycle["start"] += self.batch_size
+                yield {"obs": {k: v[idx] for k, v in data["obs"].items()},
+                       **{k: data[k][idx] for k in ("action", "logprob", "value", "advantage", "ret")}}
+            cycle["epoch"], cycle["start"], cycle["order"] = cycle["epoch"] + 1, 0, None
+        self._cycle = None
+
+    def _collect(self, stepper) -> dict[str, Any]:
+        """``n_steps`` steps of every env with the current weights, then GAE: the cycle's data, flat over steps and envs."""
         was_training = self.training
         self.eval()
         # the training envs' observation histories are their own: evaluation rollouts (the rollout callback's
@@ -181,20 +208,24 @@ class PPO(BCTransformer):
         self.train(was_training)
         value, reward, done = (torch.stack(buffer[k]) for k in ("value", "reward", "done"))
         advantage, ret = self.gae(reward, value, done, last_value)
-        flat = {"obs": {k: torch.cat([w[k] for w in buffer["obs"]]) for k in buffer["obs"][0]},
+        return {"obs": {k: torch.cat([w[k] for w in buffer["obs"]]) for k in buffer["obs"][0]},
                 "action": torch.cat(buffer["action"]), "logprob": torch.cat(buffer["logprob"]),
                 "value": value.flatten(), "advantage": advantage.flatten(), "ret": ret.flatten()}
-        total = len(flat["action"])
-        for _ in range(self.n_epochs):
-            order = torch.randperm(total, device=self.device)
-            for start in range(0, total - self.batch_size + 1, self.batch_size):
-                idx = order[start:start + self.batch_size]
-                yield {"obs": {k: v[idx] for k, v in flat["obs"].items()},
-                       **{k: flat[k][idx] for k in ("action", "logprob", "value", "advantage", "ret")}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self._cycle is not None:  # tensors and ints only: checkpoints load with weights_only=True
+            checkpoint["ppo_cycle"] = self._cycle
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._cycle = checkpoint.get("ppo_cycle")
 
     # --- Lightning -----------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.compute_loss(batch)
+        if self.target_kl is not None:
+            self._approx_kl = float(losses["approx_kl"])
         if self._loggers_write_this_step():
             self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(batch["action"]))
             env = self.trainer.datamodule.env_metrics()
@@ -204,3 +235,9 @@ class PPO(BCTransformer):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Validation is the rollout callback's evaluation at unseen seeds: no held-out loss online."""
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x.to(device) if isinstance(x, torch.Tensor) else x
