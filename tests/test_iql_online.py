@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -279,11 +280,13 @@ def test_train_fine_tunes_an_offline_iql_checkpoint_online(offline_run, tmp_path
 
     ckpt, data = offline_run
     proc = run_train("policy=iql_online", f"init_from={ckpt}", f"data.path={data}", *TINY[:2], "data.num_envs=1",
-                     "policy.hidden_dim=32",  # not adopted from the checkpoint (init_from.ARCHITECTURE lacks it)
                      "policy.env_steps_per_update=3", "policy.updates_per_cycle=2", "data.replay_size=500",
                      root=tmp_path)
     assert "initialized from" in proc.stdout + proc.stderr
     (run,) = tmp_path.glob("logs/debug/runs/*")
+    # the offline run's hidden_dim (32) is adopted from the checkpoint, not the config's default (256)
+    assert yaml.safe_load((run / ".hydra/config.yaml").read_text())["policy"]["hidden_dim"] == 256
+    assert load_policy(Path(json.loads((run / "summary.json").read_text())["last_checkpoint"])).hparams["hidden_dim"] == 32
     summary = json.loads((run / "summary.json").read_text())
     assert summary["global_step"] == 4 and "rollout/success_rate" in summary
     assert summary["env/steps"] >= 6  # two cycles of 3 steps of 1 env (the fetch ahead may start a third)

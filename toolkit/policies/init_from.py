@@ -81,7 +81,8 @@ def load_actor_weights(policy, ckpt: dict[str, Any], path: str | Path) -> None:
     mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in theirs.items()
                   if k in own and v.shape != own[k].shape]
     if unexpected or mismatched:
-        raise ToolkitError(f"init_from={path}: its weights ({ckpt['toolkit_cfg']['policy'].get('_target_')}) do not fit {type(policy).__name__} "
+        trained = ((ckpt.get("toolkit_cfg") or {}).get("policy") or {}).get("_target_", "a policy")
+        raise ToolkitError(f"init_from={path}: its weights ({trained}) do not fit {type(policy).__name__} "
                            f"(not in the policy: {unexpected[:6] or 'none'}; shapes, checkpoint vs policy: "
                            f"{mismatched[:6] or 'none'})")
     policy.load_state_dict(theirs, strict=False)
