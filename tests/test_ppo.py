@@ -316,3 +316,152 @@ def test_killed_online_run_resumes_at_the_same_env_step(tmp_path):
     # a run never interrupted steps the envs once per cycle: ceil(16 / 4) cycles of 16 (the count
     # test_every_update_cycle_acts_with_the_weights_of_all_updates_before_it checks in process)
     assert resumed["env/steps"] == 64
+
+
+def test_target_kl_ends_a_cycle_early():
+    env = bandit()
+    dm = OnlineDataModule(env, num_envs=1, seed=0, batch_size=2, history=1)
+    policy = make_ppo(env, n_steps=4, n_epochs=2, batch_size=2, target_kl=1e-9)  # 4 updates per cycle, unless
+    trainer(max_steps=6).fit(policy, dm)
+    # the first minibatch of a cycle has KL 0 (the rollout's weights); after one update it exceeds 1e-9
+    assert dm.stepper.env_steps == 3 * 4
+
+
+# --- init_from a BC checkpoint ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bc_checkpoint(tmp_path_factory) -> Path:
+    """A BC transformer trained for 2 steps on 2 Meta-World demos at 32 px (debug=fast)."""
+    root = tmp_path_factory.mktemp("bc")
+    run_train("env.image_size=32", "env.max_episode_steps=5", "data.num_demos=1", "trainer.max_steps=2",
+              "callbacks.rollout=null", "callbacks.best_checkpoint=null", root=root)
+    (last,) = Path(root, "logs", "debug", "runs").glob("*/checkpoints/last.ckpt")
+    return last
+
+
+def test_ppo_from_a_bc_checkpoint_acts_as_the_bc_policy_before_any_update(bc_checkpoint, tmp_path):
+    """Built as train.py builds it (init_from): PPO's deterministic action and its Gaussian's mean are the BC
+    policy's action, step after step of a real episode (history windows included)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    from toolkit.envs.vector import check_env, make_env
+    from toolkit.policies.base import load_policy
+    from toolkit.policies.init_from import adopt_checkpoint_config, load_actor_weights, read_init_checkpoint
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["policy=ppo", "debug=fast", "env.image_size=32", f"init_from={bc_checkpoint}"],
+                      return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.root_dir = cfg.paths.output_dir = str(tmp_path)
+    spec = check_env(cfg.env)
+    ckpt = read_init_checkpoint(cfg.init_from)
+    adopt_checkpoint_config(cfg, ckpt, spec, cfg.init_from)
+    assert cfg.policy.trunk == "transformer" and cfg.data.history == 2
+    torch.manual_seed(3)
+    hp = ckpt["hyper_parameters"]
+    ppo = instantiate(cfg.policy, encoder=instantiate(cfg.encoder), shape_meta=hp["shape_meta"], stats=hp["stats"],
+                      _convert_="all")
+    load_actor_weights(ppo, ckpt, cfg.init_from)
+    bc = load_policy(bc_checkpoint)
+    ppo.eval()
+    env = make_env(cfg.env)
+    try:
+        obs, _ = env.reset(seed=7)
+        for _ in range(6):
+            batch = {k: v[None] for k, v in obs.items()}
+            expected = bc.act(batch)
+            np.testing.assert_allclose(ppo.act(batch), expected, rtol=1e-5, atol=1e-6)
+            with torch.no_grad():  # the window act() just pushed
+                dist, _ = ppo.distribution_and_value(ppo._hist)
+            np.testing.assert_allclose(ppo.unnormalize_action(dist.mean).numpy(), expected, rtol=1e-5, atol=1e-6)
+            obs, *_ = env.step(expected[0])
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("case", ["not_a_checkpoint", "other_image_size"])
+def test_init_from_refuses_what_it_cannot_start_from(case, bc_checkpoint, tmp_path):
+    if case == "not_a_checkpoint":
+        path = tmp_path / "notes.ckpt"
+        path.write_text("not a checkpoint\n")
+        overrides, expected = [f"init_from={path}", *ONLINE[1:3]], [f"init_from={path}: not a policy checkpoint"]
+    else:  # trained at 32 px, fine-tuned at 64 px
+        path = bc_checkpoint
+        overrides = [f"init_from={path}", "env.image_size=64"]
+        expected = [f"init_from={path} was trained on other observations", "toolkit.envs.metaworld.MetaWorldEnv",
+                    "camera rgb_corner4: dataset (32, 32, 3), env (64, 64, 3)"]
+    proc = run_train("policy=ppo", *overrides, root=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    for text in expected:
+        assert text in line, line
+
+
+def test_init_from_refuses_a_torch_file_that_is_not_a_policy_checkpoint(tmp_path):
+    from toolkit.policies.init_from import read_init_checkpoint
+
+    path = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(3)}, path)
+    with pytest.raises(ToolkitError, match="not a policy checkpoint written by this toolkit"):
+        read_init_checkpoint(path)
+
+
+# --- the rollout feature cache ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("encoder", ["impala", "dinov2"])
+def test_cached_features_act_as_reencoding_every_frame(encoder, monkeypatch):
+    """A frozen encoder: rollouts keep each step's features (one frame encoded per step) and act exactly as the
+    same policy re-encoding the whole history window every step."""
+    if encoder == "impala":
+        enc, size = ImpalaEncoder(image_size=16, channels=(4, 4), num_blocks=1, out_dim=8, freeze=True), 16
+    else:
+        from toolkit.encoders.dinov2 import DINOv2Encoder
+
+        torch.manual_seed(0)
+        enc, size = DINOv2Encoder(weights=None, image_size=28), 28
+    shape_meta, stats = state_meta(3, 2)
+    shape_meta = {**shape_meta, "rgb_keys": ["rgb"], "image_shape": {"rgb": [size, size, 3]}}
+    policy = make_ppo(shape_meta=shape_meta, stats=stats, encoder=enc, history=3, trunk="transformer",
+                      num_heads=2, num_layers=1).eval()
+    assert policy.caches_features()
+    g = np.random.default_rng(0)
+    frames = g.integers(0, 256, (6, 2, size, size, 3), dtype=np.uint8)
+    states = g.normal(size=(6, 2, 3)).astype(np.float32)
+
+    def episode() -> list[tuple[np.ndarray, torch.Tensor]]:
+        out = []
+        policy.reset()
+        for t in range(6):
+            if t == 4:
+                policy.reset(np.array([False, True]))  # env 1 starts a new episode
+            action = policy.act({"rgb": frames[t], "state": states[t]})
+            with torch.no_grad():
+                dist, value = policy.distribution_and_value(policy._hist)
+            out.append((action, torch.cat([dist.mean, value[:, None]], 1)))
+        return out
+
+    cached = episode()
+    assert "rgb_features" in policy._hist and "rgb" not in policy._hist
+    monkeypatch.setattr(type(policy), "caches_features", lambda self: False)
+    reencoded = episode()
+    assert "rgb" in policy._hist
+    for (a1, d1), (a2, d2) in zip(cached, reencoded):
+        np.testing.assert_allclose(a1, a2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(d1, d2, rtol=1e-5, atol=1e-6)
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step():
+    from toolkit.fault_tolerance import StopOnNonFiniteLoss
+
+    env = bandit()
+    dm = OnlineDataModule(env, num_envs=1, seed=0, batch_size=4, history=1)
+    policy = make_ppo(env, n_steps=8, batch_size=4, lr=1e30, optimizer=partial(torch.optim.SGD))
+    with pytest.raises(ToolkitError, match=r"training loss is nan at step 2 \(batch 1\)"):
+        trainer(max_steps=50, callbacks=[StopOnNonFiniteLoss()]).fit(policy, dm)
+    # the weights are NaN now: acting in the envs stops with a message too (not inside torch.distributions)
+    with pytest.raises(ToolkitError, match="not finite when acting"):
+        stepper = EnvStepper(env, num_envs=1, seed=0)
+        next(b for _ in range(2) for b in policy.online_batches(stepper))  # the cycle cut short, then a new one

@@ -7,6 +7,7 @@ head, log-std) start fresh. The env must match the checkpoint's cameras, state a
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ def read_init_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ToolkitError(f"init_from={path}: no such file")
+    if not zipfile.is_zipfile(path):  # train.py's checkpoints are torch's zip archives
+        raise ToolkitError(f"init_from={path}: not a policy checkpoint written by this toolkit's train.py "
+                           f"(not a torch checkpoint archive)")
     try:
         ckpt = load_pickled(path)
     except ToolkitError:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.distributions import Categorical, Normal
 
+from toolkit.errors import ToolkitError
 from toolkit.policies.bc_transformer import BCTransformer
 from toolkit.policies.trunk import make_trunk
 
@@ -75,7 +76,10 @@ class PPO(BCTransformer):
         state, lang = self.state_norm.normalize(obs["state"]), obs.get("lang")
         z = self.trunk(tokens, state, lang)
         first = self.head(z).view(len(z), self.horizon, self.out_per_step)[:, 0]  # BC's chunk: its first action
-        dist = Categorical(logits=first) if self.discrete else Normal(first, self.log_std.exp().expand_as(first))
+        # no argument validation: a diverged update's NaN must reach the loss (StopOnNonFiniteLoss names the step)
+        # or _sample's check, not fail inside torch.distributions
+        dist = Categorical(logits=first, validate_args=False) if self.discrete else \
+            Normal(first, self.log_std.exp().expand_as(first), validate_args=False)
         value = self.value_head(self.critic_trunk(tokens, state, lang) if self.critic_trunk is not None else z)
         return dist, value.squeeze(-1)
 
@@ -134,6 +138,11 @@ class PPO(BCTransformer):
         hist, _ = self.observe(obs)
         window = {k: v.clone() for k, v in hist.items()} | ({"lang": lang} if lang is not None else {})
         dist, value = self.distribution_and_value(window)
+        if not (torch.isfinite(dist.logits if self.discrete else dist.mean).all() and torch.isfinite(value).all()):
+            step = self._trainer.global_step if self._trainer is not None else "?"
+            raise ToolkitError(f"PPO: the policy's action distribution or value is not finite when acting before "
+                               f"update {step}: the weights diverged (an update with a huge step); lower policy.lr or "
+                               f"set trainer.gradient_clip_val, and resume from the last good checkpoint")
         action = dist.sample()
         step.update(obs=window, action=action, logprob=self.log_prob(dist, action), value=value)
         if self.discrete:
