@@ -1,0 +1,206 @@
+"""Online fine-tuning of a few-demo BC policy with PPO (issue 14): does FLaRe's recipe raise success?
+
+For each seed, on Meta-World (pick-place-v3 by default), all evaluated at the same 20 unseen positions
+(``callbacks.rollout.seed`` 1,000,000, ...; training episodes start at seed 500,000, demos at 0):
+
+1. BC: the BC transformer on ``--demos`` expert demos, ``--bc-steps`` updates; success = its run's final
+   ``rollout/success_rate`` (the "before" of every fine-tuning row of that seed);
+2. ``policy=ppo_flare init_from=<BC last.ckpt> env.reward=sparse``: FLaRe's stabilizers (separate critic, no
+   entropy bonus, lr 3e-5, frozen encoder);
+3. ``policy=ppo env.reward=sparse`` from scratch (same IMPALA encoder config, random weights), same budget;
+4. stabilizers off: ``policy=ppo init_from=<BC ckpt> policy.lr=3e-4 policy.ent_coef=0.01
+   policy.separate_critic=false policy.freeze_encoder=false`` (shared actor-critic, entropy bonus, 10x lr).
+
+The fine-tuning budget is ``--ppo-steps`` minibatch updates (``trainer.max_steps``); one update cycle is
+``policy.n_steps`` x ``data.num_envs`` env steps followed by ``policy.n_epochs`` passes of minibatches of
+``data.batch_size``, so env steps = ppo_steps / (n_epochs * n_steps * num_envs / batch_size) * n_steps * num_envs.
+
+    python bench/online_finetune.py [--root DIR] [--seeds 0 1 2] [--demos 30] [--bc-steps 1000]
+        [--ppo-steps 480] [--episodes 20] [--rows bc flare scratch no_stabilizers] [--ppo-override k=v ...]
+
+Every run is a ``python train.py`` (one CPU thread each, ``num_threads``); a run whose ``summary.json``
+exists is reused, so the script can be re-run after an interruption or with more rows/seeds. Prints a
+markdown table (success before/after, env steps, wall time) and a diagnostics table read from each run's
+metrics.csv (training-episode success, approx_kl, clipfrac, value loss, entropy), and writes both to
+``bench/results/online_finetune.md`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# the code a run used (other work may change it between runs): md5 of each file, stored in the run dir
+CODE = ["toolkit/policies/ppo.py", "toolkit/datamodules/online.py", "toolkit/envs/stepper.py",
+        "conf/policy/ppo.yaml", "conf/policy/ppo_flare.yaml", "conf/data/online.yaml"]
+
+
+def code_fingerprint() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    lines = [f"HEAD {head.strip()}"]
+    lines += [f"{hashlib.md5((ROOT / f).read_bytes()).hexdigest()[:10]} {f}" for f in CODE if (ROOT / f).exists()]
+    return "\n".join(lines) + "\n"
+
+ROWS = {
+    "flare": ("PPO + FLaRe stabilizers, from BC", ["policy=ppo_flare", "env.reward=sparse"], True),
+    "scratch": ("PPO from scratch (same encoder config)", ["policy=ppo", "env.reward=sparse"], False),
+    "no_stabilizers": ("PPO from BC, stabilizers off (shared critic, ent 0.01, lr 3e-4, encoder trained)",
+                       ["policy=ppo", "env.reward=sparse", "policy.lr=3e-4", "policy.ent_coef=0.01",
+                        "policy.separate_critic=false", "policy.freeze_encoder=false"], True),
+}
+
+
+def find_summary(root: Path, name: str) -> Path | None:
+    found = sorted((root / "logs" / name / "runs").glob("*/summary.json"))
+    return found[-1] if found else None
+
+
+def run(name: str, root: Path, overrides: list[str], threads: int) -> dict:
+    """``python train.py`` as run ``name`` (reused if its summary.json exists); the summary plus the
+    process's wall time (``process_wall_s``, stored next to the summary so a reused run reports it too)."""
+    done = find_summary(root, name)
+    if done is None:
+        cmd = [sys.executable, str(ROOT / "train.py"), f"task_name={name}", f"paths.root_dir={root}",
+               f"num_threads={threads}", *overrides]
+        print("$", " ".join(cmd), flush=True)
+        log = root / "stdout" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        code = code_fingerprint()
+        start = time.perf_counter()
+        with open(log, "w") as out:
+            subprocess.run(cmd, cwd=ROOT, check=True, stdout=out, stderr=subprocess.STDOUT)
+        elapsed = time.perf_counter() - start
+        done = find_summary(root, name)
+        if done is None:
+            raise RuntimeError(f"{name}: train.py finished without a summary.json (see {log})")
+        (done.parent / "process_wall_s.txt").write_text(f"{elapsed:.1f}\n")
+        (done.parent / "code.txt").write_text(code)
+    else:
+        print(f"reusing {done}", flush=True)
+    summary = json.loads(done.read_text())
+    wall = done.parent / "process_wall_s.txt"
+    summary["process_wall_s"] = float(wall.read_text()) if wall.exists() else summary.get("wall_time_s", math.nan)
+    summary["metrics"] = read_metrics(done.parent)
+    return summary
+
+
+def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every logged metric of a run as (step, value) pairs, from its CSV logger."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                for k, v in row.items():
+                    if k != "step" and v not in ("", None):
+                        series.setdefault(k, []).append((int(row["step"]), float(v)))
+    return series
+
+
+def last(s: dict, key: str, n: int = 1) -> float:
+    """Mean of the last ``n`` logged values of ``key`` (NaN if never logged)."""
+    values = [v for _, v in s["metrics"].get(key, [])][-n:]
+    return sum(values) / len(values) if values else math.nan
+
+
+def first(s: dict, key: str, n: int = 1) -> float:
+    values = [v for _, v in s["metrics"].get(key, [])][:n]
+    return sum(values) / len(values) if values else math.nan
+
+
+def fmt(x: float, spec: str) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("/tmp/online_finetune"), help="data + logs dir")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--task", default="pick-place-v3")
+    parser.add_argument("--demos", type=int, default=30)
+    parser.add_argument("--bc-steps", type=int, default=1000)
+    parser.add_argument("--ppo-steps", type=int, default=480, help="minibatch updates (trainer.max_steps)")
+    parser.add_argument("--episodes", type=int, default=20, help="unseen positions per evaluation")
+    parser.add_argument("--evals", type=int, default=1, help="evaluations during fine-tuning (the last at the end)")
+    parser.add_argument("--rows", nargs="+", default=["bc", *ROWS], choices=["bc", *ROWS])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (num_threads)")
+    parser.add_argument("--ppo-override", nargs="*", default=[], help="extra train.py overrides of every PPO run")
+    parser.add_argument("--tag", default="", help="appended to the PPO run names (a tuned variant's own runs)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "online_finetune.md")
+    args = parser.parse_args()
+    args.root.mkdir(parents=True, exist_ok=True)
+
+    env = [f"env.task={args.task}", f"callbacks.rollout.num_episodes={args.episodes}"]
+    results: list[tuple[int, str, str, dict | None, dict]] = []  # seed, row key, label, BC summary, run summary
+    for seed in args.seeds:
+        bc_name = f"bc_{args.task}_d{args.demos}_k{args.bc_steps}_s{seed}"
+        bc = run(bc_name, args.root, [*env, f"data.num_demos={args.demos}", f"trainer.max_steps={args.bc_steps}",
+                                      f"trainer.val_check_interval={args.bc_steps}", f"seed={seed}"], args.threads)
+        if "bc" in args.rows:
+            results.append((seed, "bc", f"BC, {args.demos} demos, {args.bc_steps} steps", None, bc))
+        ckpt = bc["last_checkpoint"]
+        every = max(1, args.ppo_steps // max(1, args.evals))
+        for key in [r for r in args.rows if r != "bc"]:
+            label, overrides, from_bc = ROWS[key]
+            name = f"{key}_{args.task}_d{args.demos}_u{args.ppo_steps}{args.tag}_s{seed}"
+            s = run(name, args.root, [*env, *overrides, *([f"init_from={ckpt}"] if from_bc else []),
+                                      f"trainer.max_steps={args.ppo_steps}", f"trainer.val_check_interval={every}",
+                                      f"seed={seed}", *args.ppo_override], args.threads)
+            results.append((seed, key, label, bc if from_bc else None, s))
+
+    lines = [f"Task {args.task}; BC on {args.demos} expert demos ({args.bc_steps} steps); fine-tuning budget "
+             f"{args.ppo_steps} PPO minibatch updates; success on {args.episodes} unseen positions; one CPU "
+             f"thread per run on a shared 2-core machine.", "",
+             "| seed | run | success before | success after | change (points) | env steps | updates | "
+             "wall time (s) |", "|---|---|---|---|---|---|---|---|"]
+    for seed, key, label, bc, s in results:
+        after = s["rollout/success_rate"]
+        before = bc["rollout/success_rate"] if bc is not None else (0.0 if key == "scratch" else None)
+        change = fmt(100 * (after - before), "+.0f") if before is not None and key != "bc" else ""
+        lines.append(f"| {seed} | {label} | {fmt(before, '.0%') if before is not None and key != 'bc' else ''} | "
+                     f"{after:.0%} | {change} | {int(s.get('env/steps', 0)) if key != 'bc' else ''} | "
+                     f"{s.get('global_step')} | {s['process_wall_s']:.0f} |")
+    means = {}
+    for seed, key, label, bc, s in results:
+        if key != "bc" and bc is not None:
+            means.setdefault(label, []).append(100 * (s["rollout/success_rate"] - bc["rollout/success_rate"]))
+    if len(args.seeds) > 1:
+        lines += ["", "| run | mean change (points) over seeds |", "|---|---|"]
+        lines += [f"| {label} | {sum(v) / len(v):+.1f} ({len(v)} seeds) |" for label, v in means.items()]
+
+    lines += ["", "Diagnostics (from each run's metrics.csv; `first`/`last` = the first/last logged values; "
+              "training episodes are stochastic, the evaluation uses the Gaussian's mean):", "",
+              "| seed | run | eval success by update | train-episode success first -> last | eval episode length | approx_kl (last 5) | "
+              "clipfrac (last 5) | value loss first -> last | entropy first -> last |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for seed, key, label, bc, s in results:
+        if key == "bc":
+            continue
+        evals = ", ".join(f"{step}: {v:.0%}" for step, v in s["metrics"].get("rollout/success_rate", []))
+        lines.append(
+            f"| {seed} | {key} | {evals} | {fmt(first(s, 'env/success'), '.0%')} -> {fmt(last(s, 'env/success'), '.0%')} | "
+            f"{fmt(s.get('rollout/episode_length', math.nan), '.0f')} | {fmt(last(s, 'train/approx_kl', 5), '.4f')} | "
+            f"{fmt(last(s, 'train/clipfrac', 5), '.3f')} | {fmt(first(s, 'train/value_loss'), '.3g')} -> "
+            f"{fmt(last(s, 'train/value_loss', 5), '.3g')} | {fmt(first(s, 'train/entropy'), '.2f')} -> "
+            f"{fmt(last(s, 'train/entropy', 5), '.2f')} |")
+    lines += ["", "Code each run used (md5 of toolkit/policies/ppo.py, from its run dir's code.txt):", ""]
+    for seed, key, label, bc, s in results:
+        code = Path(s["output_dir"]) / "code.txt"
+        ppo = [l.split()[0] for l in code.read_text().splitlines() if l.endswith("ppo.py")] if code.exists() else []
+        lines.append(f"- `{Path(s['output_dir']).parent.parent.name}`: {ppo[0] if ppo else 'not recorded'}")
+    table = "\n".join(lines)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table + "\n")
+    print(f"\nwritten to {args.out}; runs under {args.root}/logs")
+
+
+if __name__ == "__main__":
+    main()
