@@ -208,6 +208,7 @@ def _encode(path, frames: np.ndarray, codec: str, pix_fmt: str = "yuv420p", fps:
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        stream.thread_count = 1  # libvpx-vp9 once refused to open (EINVAL) with automatic threads on a loaded machine
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
