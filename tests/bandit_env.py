@@ -12,7 +12,7 @@ has something to tell apart). The right action for context ``c``:
 The right action gives reward 1 and ``success`` (which ends the episode when ``terminate_on_success``); a wrong one
 gives 0. With ``max_episode_steps=1`` and ``terminal_time_limit=true`` every episode is one decision that ends
 (terminated, never truncated): a plain bandit, no bootstrapping. With ``terminal_time_limit=false`` the time limit
-truncates, as a simulator's does.
+truncates, as a simulator's does. ``instructions``: ``instruction()`` names the context (``"context 1"``).
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from toolkit.envs.base import RobotEnv
 
 class BanditEnv(RobotEnv):
     def __init__(self, discrete: bool = True, num_contexts: int = 2, action_dim: int = 1, max_episode_steps: int = 1,
-                 terminate_on_success: bool = True, terminal_time_limit: bool = True) -> None:
+                 terminate_on_success: bool = True, terminal_time_limit: bool = True, instructions: bool = False) -> None:
         super().__init__(max_episode_steps, terminate_on_success)
         self.discrete, self.num_contexts, self.terminal_time_limit = discrete, num_contexts, terminal_time_limit
+        self.instructions = instructions
         self.action_space = gym.spaces.Discrete(num_contexts) if discrete else \
             gym.spaces.Box(-1.0, 1.0, (action_dim,), np.float32)
         self.observation_space = gym.spaces.Dict(
@@ -65,6 +66,10 @@ class BanditEnv(RobotEnv):
             terminated, truncated = True, False
             self._last = (obs, reward, terminated, truncated, info)
         return obs, reward, terminated, truncated, info
+
+    def instruction(self) -> str | None:
+        """With ``instructions``: the episode's context in words (``"context 1"``)."""
+        return f"context {self.context}" if self.instructions else None
 
     def env_args(self) -> dict[str, Any]:
         return {"env_name": type(self).__name__, "type": "toolkit",

@@ -212,6 +212,32 @@ def test_truncated_episodes_bootstrap_from_the_value_of_their_last_observation()
             assert reward[t, i].item() == pytest.approx(expected, rel=1e-6)
 
 
+# --- the stepper ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("instructions", [False, True], ids=["no_instructions", "instructions"])
+def test_stepper_in_process_and_in_subprocesses_step_the_same_episodes(instructions):
+    """``processes=False`` (all envs in this process) gives the transitions of one process per env; instructions
+    follow each new episode (and an env without any is not asked again after its first reset)."""
+    env = bandit(num_contexts=3, max_episode_steps=2, terminal_time_limit=False, instructions=instructions)
+    g = np.random.default_rng(0)
+    actions = g.integers(0, 3, (10, 2, 1))
+    runs = []
+    for processes in (True, False):
+        stepper = EnvStepper(env, num_envs=2, seed=10, processes=processes)
+        try:
+            runs.append([stepper.step(lambda obs, fresh, a=a: a) for a in actions])
+        finally:
+            stepper.close()
+    for a, b in zip(*runs, strict=True):
+        for key in ("reward", "terminated", "truncated", "success"):
+            np.testing.assert_array_equal(a[key], b[key])
+        np.testing.assert_array_equal(a["obs"]["state"], b["obs"]["state"])
+        np.testing.assert_array_equal(a["next_obs"]["state"], b["next_obs"]["state"])
+        contexts = a["obs"]["state"][:, :3].argmax(1)
+        expected = [f"context {c}" for c in contexts] if instructions else [None, None]
+        assert list(a["obs"]["instruction"]) == list(b["obs"]["instruction"]) == expected
+    assert sum(tr["terminated"].sum() + tr["truncated"].sum() for tr in runs[0]) >= 8  # episodes were reset
+
+
 # --- the online loop --------------------------------------------------------------------------------------------
 def test_every_update_cycle_acts_with_the_weights_of_all_updates_before_it():
     """Lightning fetches a batch ahead of the step that trains on it: the next cycle's env steps must still wait

@@ -65,16 +65,18 @@ class OnlineDataModule(L.LightningDataModule):
     def __init__(self, env: dict[str, Any], num_envs: int = 4, seed: int = 500_000, batch_size: int = 64,
                  history: int = 2, horizon: int = 1, stats_window: int = 100, name: str | None = None,
                  path: str | None = None, num_demos: int | None = None, num_workers: int = 0,
-                 replay_size: int = 50_000) -> None:
+                 replay_size: int = 50_000, env_processes: bool = True) -> None:
         """``name``, ``path``, ``num_demos``, ``num_workers``: the offline data fields, unused by on-policy
         training (accepted so that ``debug=fast`` and experiment configs compose with ``data=online``).
         Off-policy training (``policy=iql_online``) seeds its replay buffer with the first ``num_demos``
-        episodes of ``path`` and bounds it at ``replay_size`` transitions (offline and online together)."""
+        episodes of ``path`` and bounds it at ``replay_size`` transitions (offline and online together).
+        ``env_processes``: one simulator process per env; False: all envs stepped in this process (faster for
+        simulators cheaper than an inter-process round trip per step, e.g. grid worlds without rendering)."""
         super().__init__()
         self.env_cfg, self.num_envs, self.seed, self.batch_size = env, num_envs, seed, batch_size
         self.path, self.num_demos, self.replay_size = path, num_demos, replay_size
         self.history, self.horizon = history, horizon
-        self.stepper = EnvStepper(env, num_envs, seed, stats_window)
+        self.stepper = EnvStepper(env, num_envs, seed, stats_window, processes=env_processes)
         self.shape_meta, self.stats = self._from_env()
         self.language = None  # set by train.py when the env gives instructions
         self.instruction_summary = None

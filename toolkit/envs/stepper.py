@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
 from toolkit.envs.rollout import WORKER_DIED
-from toolkit.envs.vector import make_vector_env, reset_some, update_instructions
+from toolkit.envs.vector import make_env, make_vector_env, reset_some, update_instructions
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +33,11 @@ class EnvStepper:
     reset), ``success``.
     """
 
-    def __init__(self, env_cfg: Any, num_envs: int, seed: int, stats_window: int = 100) -> None:
-        self.env_cfg, self.num_envs, self.seed = env_cfg, num_envs, seed
+    def __init__(self, env_cfg: Any, num_envs: int, seed: int, stats_window: int = 100, processes: bool = True) -> None:
+        """``processes``: one simulator process per env (``make_vector_env``, for more than one env); False: every
+        env in this process, stepped one after the other (no inter-process round trip per step: faster for
+        simulators that step in well under a millisecond, e.g. grid worlds without rendering)."""
+        self.env_cfg, self.num_envs, self.seed, self.processes = env_cfg, num_envs, seed, processes
         self.env_steps = 0  # transitions taken, over all envs (restored on resume)
         self.episodes_started = 0  # the next episode's seed is seed + episodes_started
         self.episodes_done = 0
@@ -42,6 +48,7 @@ class EnvStepper:
         self._obs: dict[str, np.ndarray] | None = None
         self._fresh = np.ones(num_envs, bool)
         self._instructions = np.full(num_envs, None, dtype=object)
+        self._gives_instructions: bool | None = None  # known after the first reset; False: never asked again
         self._return = np.zeros(num_envs)
         self._length = np.zeros(num_envs, int)
 
@@ -50,12 +57,20 @@ class EnvStepper:
         seeds = [self.seed + self.episodes_started + i for i in range(int(mask.sum()))]
         self.episodes_started += len(seeds)
         self._obs = reset_some(self._envs, mask, seeds, self._obs)
-        update_instructions(self._envs, mask, self._instructions)
+        if self._gives_instructions is not False:  # each call is a round trip to every simulator process
+            update_instructions(self._envs, mask, self._instructions)
+            if self._gives_instructions is None:
+                self._gives_instructions = any(i is not None for i in self._instructions)
         self._fresh |= mask
         self._return[mask], self._length[mask] = 0.0, 0
 
     def _open(self) -> None:
-        self._envs = make_vector_env(self.env_cfg, self.num_envs)
+        if self.processes:
+            self._envs = make_vector_env(self.env_cfg, self.num_envs)
+        else:
+            cfg = OmegaConf.to_container(self.env_cfg, resolve=True) if isinstance(self.env_cfg, DictConfig) else self.env_cfg
+            self._envs = gym.vector.SyncVectorEnv([partial(make_env, cfg) for _ in range(self.num_envs)],
+                                                  autoreset_mode=gym.vector.AutoresetMode.DISABLED)
         self._obs = None
         self._start(np.ones(self.num_envs, bool))
 

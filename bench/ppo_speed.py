@@ -1,0 +1,308 @@
+"""Env steps/s of the toolkit's whole PPO loop (acting, env stepping, GAE, updates) beside Stable-Baselines3's PPO, on
+the same env with the same number of envs, rollout length, epochs, minibatch size and MLP; then the per-step acting
+time of a frozen DINOv2 ViT-S policy with and without the rollout feature cache.
+
+    python bench/ppo_speed.py [--envs 4] [--n-steps 128] [--cycles 6] [--threads 1] [--no-dinov2]
+
+The env: BabyAI GoToLocal (minigrid) with no camera: ``state`` is minigrid's 7x7x3 egocentric symbolic view,
+flattened, and the agent's direction (151 floats), 7 discrete actions, 64 steps per episode. No rendering, so the
+loop itself is what is measured. The toolkit runs it as a toolkit env (``SymbolicGoToLocal``, ``_target_`` of the
+online datamodule, one AsyncVectorEnv subprocess per env); SB3 as a plain gymnasium env (its SubprocVecEnv, one
+subprocess per env, forkserver as ours; DummyVecEnv too, in process).
+
+The networks: ours is ``policy=ppo`` with ``policy.trunk=concat``, ``history=1`` (the state is the trunk's output)
+and no separate critic: an actor head Linear(151, 128)-GELU-Linear(128, 7) and a value head
+Linear(151, 128)-GELU-Linear(128, 1). SB3: ``net_arch=dict(pi=[128], vf=[128])`` with GELU: the same two MLPs.
+Both: n_epochs=4, batch_size=64, gamma 0.99, lambda 0.95, clip 0.2, ent_coef 0.01, grad-norm clip 0.5, lr 3e-4.
+
+Rates are steady state: time between the starts of consecutive update cycles (collection + updates), after the first
+cycle, so process start-up and env start-up are out of it. SB3 is optional: ``pip install stable-baselines3``
+(the bench says so when it is missing). Prints a markdown table and writes bench/results/ppo_speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # env workers import this module by name (_target_)
+
+from toolkit.envs.base import RobotEnv  # noqa: E402
+
+LEVEL, EPISODE_STEPS = "BabyAI-GoToLocal-v0", 64
+ENV_CFG = {"_target_": "ppo_speed.SymbolicGoToLocal"}
+
+
+class SymbolicGoToLocal(RobotEnv):
+    """BabyAI GoToLocal without a camera: ``state`` = the flattened 7x7x3 symbolic view and a one-hot direction."""
+
+    def __init__(self, max_episode_steps: int = EPISODE_STEPS) -> None:
+        import minigrid  # noqa: F401  (registers BabyAI-*)
+
+        super().__init__(max_episode_steps, terminate_on_success=True)
+        self._env = gym.make(LEVEL, max_steps=max_episode_steps).unwrapped
+        self.action_space = gym.spaces.Discrete(int(self._env.action_space.n))
+        self.observation_space = gym.spaces.Dict({"state": gym.spaces.Box(0.0, 10.0, (7 * 7 * 3 + 4,), np.float32)})
+
+    def _obs(self, raw: dict[str, Any]) -> dict[str, Any]:
+        state = np.zeros(7 * 7 * 3 + 4, np.float32)
+        state[:147] = raw["image"].reshape(-1)
+        state[147 + int(raw["direction"])] = 1.0
+        return {"state": state}
+
+    def _reset(self, seed: int | None) -> dict[str, Any]:
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):  # level generation prints "Sampling rejected" lines
+            raw, _ = self._env.reset(seed=seed)
+        return self._obs(raw)
+
+    def _step(self, action: np.ndarray):
+        raw, reward, terminated, _, _ = self._env.step(int(np.asarray(action).reshape(-1)[0]))
+        success = bool(terminated and reward > 0)
+        return self._obs(raw), float(reward), success, {}
+
+
+class StateOnly(gym.ObservationWrapper):
+    """The same env for SB3's MlpPolicy: the ``state`` vector as a Box observation."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.observation_space = env.observation_space["state"]
+
+    def observation(self, observation: dict[str, Any]) -> np.ndarray:
+        return observation["state"]
+
+
+def make_sb3_env() -> gym.Env:
+    return StateOnly(SymbolicGoToLocal())
+
+
+# --- the toolkit --------------------------------------------------------------------------------------------------
+def toolkit_ppo(args, datamodule):
+    import torch
+
+    from toolkit.encoders.impala import ImpalaEncoder
+    from toolkit.policies.ppo import PPO
+
+    torch.manual_seed(0)
+    # state only: the encoder is never called (no camera); it is built because every policy owns one
+    encoder = ImpalaEncoder(image_size=8, channels=(1,), num_blocks=1, out_dim=1)
+    return PPO(encoder, datamodule.shape_meta, datamodule.stats, optimizer=partial(torch.optim.AdamW, weight_decay=1e-4),
+               lr=3e-4, history=1, horizon=1, trunk="concat", d_model=args.hidden, action_type="discrete",
+               num_actions=7, n_steps=args.n_steps, n_epochs=args.n_epochs, batch_size=args.batch_size, gamma=0.99,
+               gae_lambda=0.95, clip_coef=0.2, ent_coef=0.01, vf_coef=0.5, separate_critic=False)
+
+
+def params_of(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def run_toolkit(args, lightning: bool = True, processes: bool = True) -> dict[str, Any]:
+    """``lightning``: the train.py path (Trainer.fit with the OnlineDataModule, CSV logging every 10 steps, gradient
+    clipping); else the same module's ``online_batches`` with a plain optimizer loop (what Lightning adds).
+    ``processes``: one simulator process per env (the default, ``data.env_processes=true``) or all in this one."""
+    import lightning as L
+    import torch
+
+    from toolkit.datamodules.online import OnlineDataModule
+
+    datamodule = OnlineDataModule(ENV_CFG, num_envs=args.envs, seed=500_000, batch_size=args.batch_size, history=1,
+                                  env_processes=processes)
+    policy = toolkit_ppo(args, datamodule)
+    updates_per_cycle = args.n_epochs * (args.n_steps * args.envs // args.batch_size)
+    marks: list[tuple[float, int]] = []
+
+    def mark() -> None:
+        steps = datamodule.stepper.env_steps
+        if not marks or marks[-1][1] != steps:
+            marks.append((time.perf_counter(), steps))
+
+    if lightning:
+        class Marks(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                mark()  # right after a cycle's collection (minibatches are made when trained on)
+
+        with_dir = Path(args.out_dir) / "toolkit_logs"
+        trainer = L.Trainer(max_steps=args.cycles * updates_per_cycle, accelerator="cpu", devices=1,
+                            logger=L.pytorch.loggers.CSVLogger(with_dir), log_every_n_steps=getattr(args, "log_every", 10),
+                            gradient_clip_val=0.5, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                            callbacks=[Marks()])
+        trainer.fit(policy, datamodule)
+    else:
+        optimizer = policy.configure_optimizers()
+        try:
+            for _ in range(args.cycles):
+                for batch in policy.online_batches(datamodule.stepper):
+                    mark()
+                    loss = policy.compute_loss(batch)["loss"]
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), 0.5)
+                    optimizer.step()
+        finally:
+            datamodule.stepper.close()
+    used = params_of(policy.head) + params_of(policy.value_head)
+    return {"rate": steady_rate(marks), "params": used, "env_steps": marks[-1][1]}
+
+
+def steady_rate(marks: list[tuple[float, int]]) -> float:
+    """Env steps per second between the first and the last cycle start (the first cycle's start-up left out)."""
+    (t0, s0), (t1, s1) = marks[0], marks[-1]
+    return (s1 - s0) / (t1 - t0)
+
+
+# --- Stable-Baselines3 --------------------------------------------------------------------------------------------
+def run_sb3(args, subprocesses: bool) -> dict[str, Any] | None:
+    try:
+        import stable_baselines3  # noqa: F401
+    except ImportError:
+        return None
+    import torch
+    from stable_baselines3 import PPO as SB3PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    marks: list[tuple[float, int]] = []
+
+    class Marks(BaseCallback):
+        def _on_rollout_start(self) -> None:
+            marks.append((time.perf_counter(), self.model.num_timesteps))
+
+        def _on_step(self) -> bool:
+            return True
+
+    fns = [make_sb3_env for _ in range(args.envs)]
+    envs = SubprocVecEnv(fns, start_method="forkserver") if subprocesses else DummyVecEnv(fns)
+    model = SB3PPO("MlpPolicy", envs, learning_rate=3e-4, n_steps=args.n_steps, batch_size=args.batch_size,
+                   n_epochs=args.n_epochs, gamma=0.99, gae_lambda=0.95, clip_range=0.2, ent_coef=0.01, vf_coef=0.5,
+                   max_grad_norm=0.5, device="cpu", seed=0, verbose=0,
+                   policy_kwargs={"net_arch": {"pi": [args.hidden], "vf": [args.hidden]},
+                                  "activation_fn": torch.nn.GELU})
+    try:
+        model.learn(total_timesteps=args.cycles * args.n_steps * args.envs + 1, callback=Marks())
+    finally:
+        envs.close()
+    marks.append((time.perf_counter(), model.num_timesteps))  # the end of the last cycle (its updates included)
+    return {"rate": steady_rate(marks[:-1]) if len(marks) > 2 else float("nan"), "params": params_of(model.policy),
+            "env_steps": model.num_timesteps}
+
+
+# --- DINOv2 acting, with and without the feature cache ------------------------------------------------------------
+def dinov2_acting(args) -> list[tuple[str, float, int]]:
+    import torch
+
+    from toolkit.encoders.dinov2 import DINOv2Encoder
+    from toolkit.policies.ppo import PPO
+
+    torch.manual_seed(0)
+    size, envs, history = args.dinov2_size, args.dinov2_envs, args.dinov2_history
+    encoder = DINOv2Encoder(variant="vits14", weights=None, freeze=True, image_size=size)
+    shape_meta = {"rgb_keys": ["rgb"], "image_shape": {"rgb": [size, size, 3]}, "state_dim": 4, "action_dim": 4}
+    stats = {"obs/state": {"mean": [0.0] * 4, "std": [1.0] * 4},
+             "actions": {"mean": [0.0] * 4, "std": [1.0] * 4, "min": [-1.0] * 4, "max": [1.0] * 4}}
+    policy = PPO(encoder, shape_meta, stats, optimizer=partial(torch.optim.AdamW), history=history,
+                 separate_critic=True, freeze_encoder=True).eval()
+    g = np.random.default_rng(0)
+    obs = [{"rgb": g.integers(0, 256, (envs, size, size, 3), dtype=np.uint8), "state": g.normal(size=(envs, 4))}
+           for _ in range(args.dinov2_steps + 1)]
+    rows = []
+    for cached in (True, False):
+        type(policy).caches_features = (lambda self: True) if cached else (lambda self: False)
+        policy.reset()
+        fresh = np.ones(envs, bool)
+        policy._sample(obs[0], fresh, {})  # warm-up, and the histories filled
+        t0 = time.perf_counter()
+        for o in obs[1:]:
+            policy._sample(o, np.zeros(envs, bool), {})
+        per_step = (time.perf_counter() - t0) / args.dinov2_steps
+        frames = envs if cached else envs * history
+        rows.append((f"DINOv2 ViT-S/14 frozen ({size} px), T={history}, {envs} envs: "
+                     f"{'feature cache (1 frame per env per step)' if cached else f're-encoding the window ({history} frames per env per step)'}",
+                     per_step, frames))
+    del type(policy).caches_features  # back to the class's own
+    return rows
+
+
+CONFIGS = {
+    "toolkit": ("toolkit PPO, train.py path (Lightning Trainer + OnlineDataModule), AsyncVectorEnv (a process per env)",
+                lambda a: run_toolkit(a, lightning=True, processes=True)),
+    "sb3": ("Stable-Baselines3 2.9.2 PPO, SubprocVecEnv (a process per env)", lambda a: run_sb3(a, subprocesses=True)),
+    "toolkit-inproc": ("toolkit PPO, train.py path, envs in process (`data.env_processes=false`)",
+                       lambda a: run_toolkit(a, lightning=True, processes=False)),
+    "sb3-dummy": ("Stable-Baselines3 2.9.2 PPO, DummyVecEnv (envs in process)", lambda a: run_sb3(a, subprocesses=False)),
+    "toolkit-plain": ("toolkit PPO, `online_batches` + a plain optimizer loop (no Lightning), envs in process",
+                      lambda a: run_toolkit(a, lightning=False, processes=False)),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--envs", type=int, default=4)
+    parser.add_argument("--n-steps", type=int, default=128)
+    parser.add_argument("--n-epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--cycles", type=int, default=5, help="update cycles per run (the first is not timed)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every setup, interleaved; the median is shown")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, for both")
+    parser.add_argument("--only", choices=[*CONFIGS, "dinov2"], nargs="*")
+    parser.add_argument("--no-dinov2", action="store_true")
+    parser.add_argument("--dinov2-size", type=int, default=224)
+    parser.add_argument("--dinov2-envs", type=int, default=2)
+    parser.add_argument("--dinov2-history", type=int, default=4)
+    parser.add_argument("--dinov2-steps", type=int, default=4)
+    parser.add_argument("--out-dir", default="/tmp/ppo_speed")
+    args = parser.parse_args()
+
+    import logging
+
+    import torch
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    only = list(args.only or [*CONFIGS, "dinov2"])
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in CONFIGS if k in only}
+    notes = []
+    for r in range(args.rounds):
+        for key in list(runs):
+            result = CONFIGS[key][1](args)
+            if result is None:  # SB3 missing
+                del runs[key]
+                notes.append("Stable-Baselines3 is not installed: `pip install stable-baselines3==2.9.2` "
+                             "(into this venv) for its rows")
+                continue
+            runs[key].append(result)
+            print(f"round {r + 1}: {key}: {result['rate']:.0f} env steps/s", flush=True)
+    setup = (f"{args.envs} envs x {args.n_steps} steps per cycle, {args.n_epochs} epochs of minibatch {args.batch_size}, "
+             f"MLP {args.hidden} hidden (actor + critic), {args.threads} torch thread(s), median of {args.rounds} "
+             f"interleaved runs (all runs in brackets)")
+    lines = [f"PPO loop on {LEVEL} (symbolic state, no rendering): {setup}", "",
+             "| setup | env steps/s | params |", "|---|---:|---:|"]
+    for key, results in runs.items():
+        rates = sorted(x["rate"] for x in results)
+        lines.append(f"| {CONFIGS[key][0]} | {float(np.median(rates)):.0f} ({', '.join(f'{x:.0f}' for x in rates)}) "
+                     f"| {results[0]['params']:,} |")
+    if "dinov2" in only and not args.no_dinov2:
+        lines += ["", "| acting (PPO `_sample`, one step of every env) | ms per step | frames encoded per step |",
+                  "|---|---:|---:|"]
+        lines += [f"| {name} | {t * 1e3:.0f} | {frames} |" for name, t, frames in dinov2_acting(args)]
+    text = "\n".join(lines + ([""] + sorted(set(notes)) if notes else []))
+    print(text)
+    out = Path(__file__).resolve().parent / "results" / "ppo_speed.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
