@@ -15,6 +15,9 @@ and no separate critic: an actor head Linear(151, 128)-GELU-Linear(128, 7) and a
 Linear(151, 128)-GELU-Linear(128, 1). SB3: ``net_arch=dict(pi=[128], vf=[128])`` with GELU: the same two MLPs.
 Both: n_epochs=4, batch_size=64, gamma 0.99, lambda 0.95, clip 0.2, ent_coef 0.01, grad-norm clip 0.5, lr 3e-4.
 
+Threads: 1 by default, for both. On a busy 2-core machine two torch threads make every small GELU/tanh call wait for
+a second thread (~15 ms a call here instead of 0.01 ms), which swamps both loops.
+
 Rates are steady state: time between the starts of consecutive update cycles (collection + updates), after the first
 cycle, so process start-up and env start-up are out of it. SB3 is optional: ``pip install stable-baselines3``
 (the bench says so when it is missing). Prints a markdown table and writes bench/results/ppo_speed.md.
@@ -293,6 +296,10 @@ def main() -> None:
         rates = sorted(x["rate"] for x in results)
         lines.append(f"| {CONFIGS[key][0]} | {float(np.median(rates)):.0f} ({', '.join(f'{x:.0f}' for x in rates)}) "
                      f"| {results[0]['params']:,} |")
+    median = {k: float(np.median([x["rate"] for x in v])) for k, v in runs.items()}
+    for ours, theirs, what in (("toolkit", "sb3", "a process per env"), ("toolkit-inproc", "sb3-dummy", "envs in process")):
+        if ours in median and theirs in median:
+            lines.append(f"\ntoolkit / SB3, {what}: {median[ours] / median[theirs]:.2f}x")
     if "dinov2" in only and not args.no_dinov2:
         lines += ["", "| acting (PPO `_sample`, one step of every env) | ms per step | frames encoded per step |",
                   "|---|---:|---:|"]

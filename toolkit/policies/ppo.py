@@ -138,7 +138,8 @@ class PPO(BCTransformer):
         hist, _ = self.observe(obs)
         window = {k: v.clone() for k, v in hist.items()} | ({"lang": lang} if lang is not None else {})
         dist, value = self.distribution_and_value(window)
-        if not (torch.isfinite(dist.logits if self.discrete else dist.mean).all() and torch.isfinite(value).all()):
+        spread = () if self.discrete else (dist.stddev,)
+        if not all(torch.isfinite(x).all() for x in (dist.logits if self.discrete else dist.mean, *spread, value)):
             step = self._trainer.global_step if self._trainer is not None else "?"
             raise ToolkitError(f"PPO: the policy's action distribution or value is not finite when acting before "
                                f"update {step}: the weights diverged (an update with a huge step); lower policy.lr or "
