@@ -197,3 +197,14 @@ def test_resume_loads_a_pickled_checkpoint_with_the_opt_in(run, tmp_path):
     assert marker.exists() and "trust_pickled_code=true" in proc.stdout + proc.stderr  # the warning
     assert torch.load(next(tmp_path.glob("resumed/logs/debug/runs/*/checkpoints/last.ckpt")),
                       weights_only=True)["global_step"] == 6
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
+    from toolkit.encoders.weights import load_pickled
+    from toolkit.policies.base import load_policy
+
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    for load in (load_pickled, load_policy):
+        with pytest.raises(ToolkitError, match="notes.ckpt: not a PyTorch checkpoint"):
+            load(text)

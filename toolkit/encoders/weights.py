@@ -123,13 +123,15 @@ def load_pickled(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool 
     A file that needs anything else is refused (ToolkitError naming the file, the global and the opt-in) unless
     ``trust_pickled_code()``, in which case it is loaded with ``weights_only=False`` (and a warning)."""
     path = Path(path)
+    if not _looks_like_torch_file(path):
+        raise ToolkitError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle)")
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         error = e
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise ToolkitError(f"{path}: cannot read the checkpoint ({e})") from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:
+        raise ToolkitError(f"{path}: cannot read the checkpoint ({e!r})") from None
     offending = _unsafe_globals(path, error)
     if not trust_pickled_code():
         raise refuse(path, offending) from None
@@ -139,6 +141,18 @@ def load_pickled(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool 
         return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
         raise ToolkitError(f"{path}: cannot read the checkpoint ({e})") from None
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (torch >= 1.6) or, in the legacy format, a pickle (protocol opcode 0x80)."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            first = f.read(1)
+    except OSError as e:
+        raise ToolkitError(f"{path}: cannot read the checkpoint ({e})") from None
+    return zipfile.is_zipfile(path) or first == b"\x80"
 
 
 def _unsafe_globals(path: Path, error: Exception) -> str:
