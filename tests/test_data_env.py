@@ -87,6 +87,7 @@ def test_rollout_mismatches_name_both_sides():
     assert "dataset 6-d, env 4-d" in problems[1] and "dataset 6-d" in problems[2]
 
 
+@pytest.mark.slow  # the unit tests above cover the names and the refusals; this is the command sequence
 def test_debug_runs_on_different_data_never_share_a_file(lerobot_dir, tmp_path):
     """`debug=fast data=lerobot` then plain `debug=fast` in the same folder: each trains on its own data."""
     run_train("env=none", "data=lerobot", f"data.source.path={lerobot_dir}", root=tmp_path)
@@ -95,7 +96,7 @@ def test_debug_runs_on_different_data_never_share_a_file(lerobot_dir, tmp_path):
     assert not (tmp_path / "data" / "debug_drawer-open-v3_corner4_64px.hdf5").exists()
 
 
-@pytest.mark.parametrize("switch", ["env=none", "~callbacks.rollout"])
+@pytest.mark.parametrize("switch", ["env=none", pytest.param("~callbacks.rollout", marks=pytest.mark.slow)])
 def test_without_rollouts_checkpoints_follow_val_loss(switch, lerobot_dir, tmp_path):
     proc = run_train(switch, "data=lerobot", f"data.source.path={lerobot_dir}", root=tmp_path)
     s = summary_of(tmp_path)

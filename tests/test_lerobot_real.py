@@ -207,15 +207,13 @@ def test_datamodule_reads_the_dataset_as_data_lerobot_converts_it(lerobot_datase
 def test_train_py_on_the_dataset_as_lerobot_wrote_it(lerobot_dataset, tmp_path):
     """`python train.py data=lerobot data.source.path=DIR` with defaults otherwise: the dataset (a 64 px `top`
     camera, 3-d state, 2-d actions) does not fit the default Meta-World env, so rollouts turn off with a
-    warning and the best checkpoint follows val/loss; with env=none the same, silently."""
+    warning naming both sides and the best checkpoint follows val/loss (env=none: tests/test_data_env.py)."""
     from conftest import run_train
 
     root, _, _ = lerobot_dataset
-    for switch, warned in (("", True), ("env=none", False)):
-        run_root = tmp_path / ("no_env" if switch else "default")
-        proc = run_train(*filter(None, [switch]), "data=lerobot", f"data.source.path={root}", root=run_root)
-        out = proc.stdout + proc.stderr
-        assert ("does not fit env" in out and "rgb_top" in out) == warned
-        summary = json.loads(next(run_root.glob("logs/debug/runs/*/summary.json")).read_text())
-        assert summary["global_step"] == 4 and "rollout/success_rate" not in summary
-        assert "valloss" in Path(summary["best_checkpoint"]).name
+    proc = run_train("data=lerobot", f"data.source.path={root}", root=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "does not fit env" in out and "rgb_top" in out and "rgb_corner4" in out
+    summary = json.loads(next(tmp_path.glob("logs/debug/runs/*/summary.json")).read_text())
+    assert summary["global_step"] == 4 and "rollout/success_rate" not in summary
+    assert "valloss" in Path(summary["best_checkpoint"]).name
