@@ -15,7 +15,7 @@ The fine-tuning budget is ``--ppo-steps`` minibatch updates (``trainer.max_steps
 ``policy.n_steps`` x ``data.num_envs`` env steps followed by ``policy.n_epochs`` passes of minibatches of
 ``data.batch_size``, so env steps = ppo_steps / (n_epochs * n_steps * num_envs / batch_size) * n_steps * num_envs.
 
-    python bench/online_finetune.py [--root DIR] [--seeds 0 1 2] [--demos 30] [--bc-steps 1000]
+    python bench/online_finetune.py [--root DIR] [--seeds 0 1 2] [--demos 35] [--bc-steps 1000]
         [--ppo-steps 480] [--episodes 20] [--rows bc flare scratch no_stabilizers] [--ppo-override k=v ...]
 
 Every run is a ``python train.py`` (one CPU thread each, ``num_threads``); a run whose ``summary.json``
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("/tmp/online_finetune"), help="data + logs dir")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--task", default="pick-place-v3")
-    parser.add_argument("--demos", type=int, default=30)
+    parser.add_argument("--demos", type=int, default=35)
     parser.add_argument("--bc-steps", type=int, default=1000)
     parser.add_argument("--ppo-steps", type=int, default=480, help="minibatch updates (trainer.max_steps)")
     parser.add_argument("--episodes", type=int, default=20, help="unseen positions per evaluation")
