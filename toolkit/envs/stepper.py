@@ -10,15 +10,12 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
 from toolkit.envs.rollout import WORKER_DIED
-from toolkit.envs.vector import make_env, make_vector_env, reset_some, update_instructions
+from toolkit.envs.vector import make_vector_env, reset_some, update_instructions
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +62,7 @@ class EnvStepper:
         self._return[mask], self._length[mask] = 0.0, 0
 
     def _open(self) -> None:
-        if self.processes:
-            self._envs = make_vector_env(self.env_cfg, self.num_envs)
-        else:
-            cfg = OmegaConf.to_container(self.env_cfg, resolve=True) if isinstance(self.env_cfg, DictConfig) else self.env_cfg
-            self._envs = gym.vector.SyncVectorEnv([partial(make_env, cfg) for _ in range(self.num_envs)],
-                                                  autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+        self._envs = make_vector_env(self.env_cfg, self.num_envs, self.processes)
         self._obs = None
         self._start(np.ones(self.num_envs, bool))
 
