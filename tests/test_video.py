@@ -201,17 +201,28 @@ def test_datamodule_draws_mp4_windows_in_episode_chunks(lossless_file):
     assert off.train_set.decoded_episodes == 0 and not isinstance(off.train_dataloader().sampler.chunks, EpisodeChunkSampler)
 
 
-def _encode(path, frames: np.ndarray, codec: str, pix_fmt: str = "yuv420p", fps: int = 10, **options: str) -> None:
-    """A video as another tool writes it (LeRobot 0.4: libsvtav1, yuv420p, crf 30, g 2)."""
-    import av
+_ENCODE = """
+import sys, json, av, numpy as np
+path, codec, pix_fmt, fps, options = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5])
+frames = np.load(sys.argv[6])
+with av.open(path, mode="w", format="mp4") as container:
+    stream = container.add_stream(codec, rate=fps, options=options)
+    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+    for frame in frames:
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    container.mux(stream.encode())
+"""
 
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=fps, options=options)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        stream.thread_count = 1  # libvpx-vp9 once refused to open (EINVAL) with automatic threads on a loaded machine
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+
+def _encode(path, frames: np.ndarray, codec: str, pix_fmt: str = "yuv420p", fps: int = 10, **options: str) -> None:
+    """A video as another tool writes it (LeRobot 0.4: libsvtav1, yuv420p, crf 30, g 2). In a fresh process:
+    once decord is loaded (earlier tests), its bundled libvpx shadows PyAV's and libvpx-vp9 refuses to open."""
+    import subprocess
+    import sys
+
+    np.save(f"{path}.npy", frames)
+    subprocess.run([sys.executable, "-c", _ENCODE, str(path), codec, pix_fmt, str(fps), json.dumps(options), f"{path}.npy"],
+                   check=True, capture_output=True)
 
 
 def _smooth_frames(n: int = 12, size: int = 64) -> np.ndarray:
