@@ -115,7 +115,9 @@ class OnlineDataModule(L.LightningDataModule):
         return list(self.shape_meta["rgb_keys"])
 
     def setup(self, stage: str | None = None) -> None:
-        pass
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:  # DDP: each process steps its own envs on its own training seeds (untested here)
+            self.stepper.rank, self.stepper.world_size = trainer.global_rank, trainer.world_size
 
     def train_dataloader(self) -> DataLoader:
         self._started, self._steps_at_start = time.perf_counter(), self.stepper.env_steps

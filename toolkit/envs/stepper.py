@@ -35,6 +35,7 @@ class EnvStepper:
         env in this process, stepped one after the other (no inter-process round trip per step: faster for
         simulators that step in well under a millisecond, e.g. grid worlds without rendering)."""
         self.env_cfg, self.num_envs, self.seed, self.processes = env_cfg, num_envs, seed, processes
+        self.rank, self.world_size = 0, 1  # set by the datamodule under DDP
         self.env_steps = 0  # transitions taken, over all envs (restored on resume)
         self.episodes_started = 0  # the next episode's seed is seed + episodes_started
         self.episodes_done = 0
@@ -51,7 +52,8 @@ class EnvStepper:
 
     # --- episodes ------------------------------------------------------------------------------
     def _start(self, mask: np.ndarray) -> None:
-        seeds = [self.seed + self.episodes_started + i for i in range(int(mask.sum()))]
+        # several processes (DDP) interleave their episodes: process r of w runs seeds seed + k * w + r
+        seeds = [self.seed + (self.episodes_started + i) * self.world_size + self.rank for i in range(int(mask.sum()))]
         self.episodes_started += len(seeds)
         self._obs = reset_some(self._envs, mask, seeds, self._obs)
         if self._gives_instructions is not False:  # each call is a round trip to every simulator process
