@@ -57,8 +57,10 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
 
 def test_submitit_local_runs_jobs_in_parallel_on_one_shared_dataset(tmp_path):
     # both jobs need the same (missing) dataset: one collects it, the other waits on its lock and reuses it
+    # one torch thread per job: two jobs of 2 threads each on 2 cores spin in OpenMP and crawl (seen: a backward
+    # pass of the debug model still running after 12 minutes)
     proc = run_train("-m", "hydra/launcher=local", "hydra.launcher.timeout_min=10", "policy.lr=1e-3,3e-4",
-                     "trainer.max_steps=2", root=tmp_path)
+                     "trainer.max_steps=2", "num_threads=1", root=tmp_path)
     assert "Submitit 'local' sweep output dir" in proc.stdout + proc.stderr
     sweep = next(Path(tmp_path, "logs", "debug", "multiruns").glob("*"))
     summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
