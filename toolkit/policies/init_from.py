@@ -31,13 +31,7 @@ def read_init_checkpoint(path: str | Path) -> dict[str, Any]:
     if not zipfile.is_zipfile(path):  # train.py's checkpoints are torch's zip archives
         raise ToolkitError(f"init_from={path}: not a policy checkpoint written by this toolkit's train.py "
                            f"(not a torch checkpoint archive)")
-    try:
-        ckpt = load_pickled(path)
-    except ToolkitError:
-        raise
-    except Exception as e:  # noqa: BLE001: not a torch file at all (torch's legacy unpickler fails on any bytes)
-        raise ToolkitError(f"init_from={path}: not a policy checkpoint written by this toolkit's train.py "
-                           f"(torch cannot read it: {type(e).__name__}: {e})") from None
+    ckpt = load_pickled(path)  # unreadable or unsafe content: a ToolkitError naming the file
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("toolkit_cfg"), dict) or "state_dict" not in ckpt:
         raise ToolkitError(f"init_from={path}: not a policy checkpoint written by this toolkit's train.py "
                            f"(no toolkit_cfg / state_dict)")
