@@ -201,6 +201,73 @@ def run_sb3(args, subprocesses: bool) -> dict[str, Any] | None:
             "env_steps": model.num_timesteps}
 
 
+# --- where the time goes: the loop's parts, each timed alone ------------------------------------------------------
+def components(args) -> list[tuple[str, float, float]]:
+    """Milliseconds of each part of one env step of all envs (and of one minibatch update), toolkit and SB3, envs in
+    process: stepping the envs with random actions (resets included; the same simulator for both), acting (the
+    policy's forward, sampling, what the rollout buffer needs), and one update (loss, backward, clip, step)."""
+    import torch
+    from stable_baselines3 import PPO as SB3PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from toolkit.datamodules.online import OnlineDataModule
+    from toolkit.envs.stepper import EnvStepper
+
+    def per_call(fn, n: int) -> float:
+        for _ in range(max(1, n // 10)):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n * 1e3
+
+    g = np.random.default_rng(0)
+    stepper = EnvStepper(ENV_CFG, args.envs, seed=0, processes=False)
+    env_ms = per_call(lambda: stepper.step(lambda obs, fresh: g.integers(0, 7, (args.envs, 1))), 1000)
+    obs = stepper.observation()
+    stepper.close()
+    datamodule = OnlineDataModule(ENV_CFG, num_envs=args.envs, seed=0, batch_size=args.batch_size, history=1,
+                                  env_processes=False)
+    policy = toolkit_ppo(args, datamodule).eval()
+    fresh = np.zeros(args.envs, bool)
+    act_ms = per_call(lambda: policy._sample(obs, fresh, {}), 1000)
+    batch = {"obs": {"state": torch.as_tensor(g.random((args.batch_size, 1, obs["state"].shape[-1])), dtype=torch.float32)},
+             "action": torch.as_tensor(g.integers(0, 7, args.batch_size)), "logprob": torch.full((args.batch_size,), -1.9),
+             "value": torch.zeros(args.batch_size), "advantage": torch.as_tensor(g.normal(size=args.batch_size), dtype=torch.float32),
+             "ret": torch.as_tensor(g.normal(size=args.batch_size), dtype=torch.float32)}
+    optimizer = policy.configure_optimizers()
+    policy.train()
+
+    def update() -> None:
+        loss = policy.compute_loss(batch)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 0.5)
+        optimizer.step()
+
+    update_ms = per_call(update, 300)
+
+    envs = DummyVecEnv([make_sb3_env for _ in range(args.envs)])
+    model = SB3PPO("MlpPolicy", envs, n_steps=args.n_steps, batch_size=args.batch_size, n_epochs=args.n_epochs,
+                   device="cpu", seed=0, verbose=0, max_grad_norm=0.5, ent_coef=0.01,
+                   policy_kwargs={"net_arch": {"pi": [args.hidden], "vf": [args.hidden]}, "activation_fn": torch.nn.GELU})
+    state = obs["state"]
+
+    def sb3_act() -> None:  # what SB3's collect_rollouts does per step around env.step
+        with torch.no_grad():
+            actions, values, log_probs = model.policy(torch.as_tensor(state))
+        actions.cpu().numpy()
+
+    sb3_act_ms = per_call(sb3_act, 1000)
+    model.learn(total_timesteps=args.n_steps * args.envs)  # one cycle: a full rollout buffer to train on
+    updates = args.n_epochs * (args.n_steps * args.envs // args.batch_size)
+    sb3_update_ms = per_call(model.train, 3) / updates
+    envs.close()
+    return [("stepping the envs (random actions, resets included)", env_ms, env_ms),
+            ("acting (forward, sample, rollout-buffer values)", act_ms, sb3_act_ms),
+            ("one minibatch update", update_ms, sb3_update_ms)]
+
+
 # --- DINOv2 acting, with and without the feature cache ------------------------------------------------------------
 def dinov2_acting(args) -> list[tuple[str, float, int]]:
     import torch
@@ -259,7 +326,7 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=5, help="update cycles per run (the first is not timed)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of every setup, interleaved; the median is shown")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, for both")
-    parser.add_argument("--only", choices=[*CONFIGS, "dinov2"], nargs="*")
+    parser.add_argument("--only", choices=[*CONFIGS, "components", "dinov2"], nargs="*")
     parser.add_argument("--no-dinov2", action="store_true")
     parser.add_argument("--dinov2-size", type=int, default=224)
     parser.add_argument("--dinov2-envs", type=int, default=2)
@@ -274,7 +341,7 @@ def main() -> None:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
-    only = list(args.only or [*CONFIGS, "dinov2"])
+    only = list(args.only or [*CONFIGS, "components", "dinov2"])
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in CONFIGS if k in only}
     notes = []
     for r in range(args.rounds):
@@ -300,6 +367,25 @@ def main() -> None:
     for ours, theirs, what in (("toolkit", "sb3", "a process per env"), ("toolkit-inproc", "sb3-dummy", "envs in process")):
         if ours in median and theirs in median:
             lines.append(f"\ntoolkit / SB3, {what}: {median[ours] / median[theirs]:.2f}x")
+    ours = {k: v for k, v in median.items() if k.startswith("toolkit") and k != "toolkit-plain"}
+    theirs = {k: v for k, v in median.items() if k.startswith("sb3")}
+    if ours and theirs:
+        best, their_best = max(ours, key=ours.get), max(theirs, key=theirs.get)
+        lines.append(f"\nfastest toolkit setup ({best}) / fastest SB3 setup ({their_best}): "
+                     f"{ours[best] / theirs[their_best]:.2f}x")
+    if "components" in only or "sb3" in runs:
+        parts = components(args)
+        updates_per_step = args.n_epochs * args.envs / args.batch_size  # minibatch updates per env step of all envs
+        lines += ["", f"Where the time goes (ms, envs in process, each part timed alone; {updates_per_step:g} updates "
+                  f"per step of all {args.envs} envs):", "", "| part | toolkit | SB3 |", "|---|---:|---:|"]
+        lines += [f"| {name} | {ours:.3f} | {theirs:.3f} |" for name, ours, theirs in parts]
+        (_, env_ms, _), (_, act, sb3_act), (_, upd, sb3_upd) = parts
+        ours_ms, theirs_ms = env_ms + act + updates_per_step * upd, env_ms + sb3_act + updates_per_step * sb3_upd
+        lines.append(f"| sum per step of all envs (-> env steps/s) | {ours_ms:.3f} ({1e3 * args.envs / ours_ms:.0f}) | "
+                     f"{theirs_ms:.3f} ({1e3 * args.envs / theirs_ms:.0f}) |")
+        lines.append(f"\nWith acting and updates free, the simulator alone allows {1e3 * args.envs / env_ms:.0f} env steps/s; "
+                     f"1.5x SB3's sum would need the toolkit's acting + updates within "
+                     f"{theirs_ms / 1.5 - env_ms:.3f} ms per step of all envs (they take {ours_ms - env_ms:.3f}).")
     if "dinov2" in only and not args.no_dinov2:
         lines += ["", "| acting (PPO `_sample`, one step of every env) | ms per step | frames encoded per step |",
                   "|---|---:|---:|"]

@@ -17,6 +17,8 @@ truncates, as a simulator's does. ``instructions``: ``instruction()`` names the 
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 import gymnasium as gym
@@ -76,15 +78,37 @@ class BanditEnv(RobotEnv):
                 "env_kwargs": {"discrete": self.discrete, "num_contexts": self.num_contexts}}
 
 
+class CrashingBanditEnv(BanditEnv):
+    """The bandit whose simulator process dies (SIGKILL) in the episode reset with ``crash_at_seed``: when resetting
+    (``crash_in="reset"``) or at its first step (``"step"``). Only inside a vector env's worker process."""
+
+    def __init__(self, crash_at_seed: int, crash_in: str = "reset", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.crash_at_seed, self.crash_in, self.seed_ = crash_at_seed, crash_in, None
+
+    def _die_here(self) -> None:
+        import multiprocessing
+
+        if self.seed_ == self.crash_at_seed and multiprocessing.parent_process() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _reset(self, seed: int | None) -> dict[str, Any]:
+        self.seed_ = seed
+        if self.crash_in == "reset":
+            self._die_here()
+        return super()._reset(seed)
+
+    def _step(self, action: np.ndarray):
+        if self.crash_in == "step":
+            self._die_here()
+        return super()._step(action)
+
 
 def __getattr__(name: str):
     """``bandit_env.KillAtStep`` (a Lightning callback), built on first use: the env's worker processes import this
     module and should not pay for importing Lightning."""
     if name != "KillAtStep":
         raise AttributeError(name)
-    import os
-    import signal
-
     import lightning as L
 
     class KillAtStep(L.Callback):

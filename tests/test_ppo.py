@@ -219,23 +219,57 @@ def test_stepper_in_process_and_in_subprocesses_step_the_same_episodes(instructi
     follow each new episode (and an env without any is not asked again after its first reset)."""
     env = bandit(num_contexts=3, max_episode_steps=2, terminal_time_limit=False, instructions=instructions)
     g = np.random.default_rng(0)
-    actions = g.integers(0, 3, (10, 2, 1))
+    actions = g.integers(0, 3, (10, 3, 1))
     runs = []
     for processes in (True, False):
-        stepper = EnvStepper(env, num_envs=2, seed=10, processes=processes)
+        stepper = EnvStepper(env, num_envs=3, seed=10, processes=processes)
         try:
             runs.append([stepper.step(lambda obs, fresh, a=a: a) for a in actions])
         finally:
             stepper.close()
-    for a, b in zip(*runs, strict=True):
-        for key in ("reward", "terminated", "truncated", "success"):
-            np.testing.assert_array_equal(a[key], b[key])
-        np.testing.assert_array_equal(a["obs"]["state"], b["obs"]["state"])
-        np.testing.assert_array_equal(a["next_obs"]["state"], b["next_obs"]["state"])
-        contexts = a["obs"]["state"][:, :3].argmax(1)
-        expected = [f"context {c}" for c in contexts] if instructions else [None, None]
-        assert list(a["obs"]["instruction"]) == list(b["obs"]["instruction"]) == expected
+    for a, *others in zip(*runs, strict=True):
+        for b in others:
+            for key in ("reward", "terminated", "truncated", "success"):
+                np.testing.assert_array_equal(a[key], b[key])
+            np.testing.assert_array_equal(a["obs"]["state"], b["obs"]["state"])
+            np.testing.assert_array_equal(a["next_obs"]["state"], b["next_obs"]["state"])
+            contexts = a["obs"]["state"][:, :3].argmax(1)
+            expected = [f"context {c}" for c in contexts] if instructions else [None] * 3
+            assert list(a["obs"]["instruction"]) == list(b["obs"]["instruction"]) == expected
     assert sum(tr["terminated"].sum() + tr["truncated"].sum() for tr in runs[0]) >= 8  # episodes were reset
+
+
+@pytest.mark.parametrize("crash_in", ["reset", "step"])
+def test_a_simulator_that_dies_is_restarted_its_partial_episodes_dropped_and_stepping_goes_on(crash_in):
+    """Env 0 plays the rewarded action (1-step episodes, seeds 13, 14, ... after the first), envs 1 and 2 a wrong one
+    (3-step episodes). The process of the episode with seed 14 dies in its reset (at step 1) or at its first step
+    (step 2)."""
+    env = {**bandit(num_contexts=2, max_episode_steps=3, terminal_time_limit=False),
+           "_target_": "bandit_env.CrashingBanditEnv", "crash_at_seed": 14, "crash_in": crash_in}
+    stepper = EnvStepper(env, num_envs=3, seed=10)
+
+    def act(obs, fresh):
+        context = obs["state"][:, :2].argmax(1)
+        return np.stack([context[0], 1 - context[1], 1 - context[2]])[:, None]
+
+    transitions, restarts = [], []
+    try:
+        for _ in range(8):
+            transitions.append(stepper.step(act))
+            restarts.append(stepper.restarts)
+    finally:
+        stepper.close()
+    assert restarts == ([0] + [1] * 7 if crash_in == "reset" else [0, 0] + [1] * 6)
+    assert stepper.env_steps == 24  # the crash cost no transition: stepping went on
+    if crash_in == "reset":  # step 1: env 0's episode ended, its reset died: envs 1 and 2 were 2 steps into theirs
+        assert stepper.dropped_episodes == 2
+        assert transitions[1]["terminated"].tolist() == [True, False, False]
+        assert transitions[1]["truncated"].tolist() == [False, True, True]  # cut: ended here, not the task's end
+    else:  # step 2 was retried on fresh episodes of every env (seeds 15, 16, 17)
+        assert stepper.dropped_episodes == 3
+        assert (transitions[2]["obs"]["state"][:, -1] == 0).all()  # each env's first observation
+    lengths = [e["length"] for e in stepper.recent]
+    assert sorted(set(lengths)) == [1.0, 3.0]  # only whole episodes count: the cut ones are not in the stats
 
 
 # --- the online loop --------------------------------------------------------------------------------------------

@@ -105,15 +105,20 @@ class EnvStepper:
                       "truncated": np.asarray(truncated, bool), "next_obs": next_obs, "success": success}
         self._obs = next_obs
         if ended.any():
-            self._start(ended)
+            try:
+                self._start(ended)
+            except WORKER_DIED:  # died while resetting: the unfinished episodes end at this transition (a cut, as a
+                transition["truncated"] = transition["truncated"] | ~ended  # time limit is: not the task's end)
+                self._restart(dropped=int((~ended).sum()))
         return transition
 
-    def _restart(self) -> None:
-        """A simulator process died: its partial episodes (every env's, since a vector env steps together)
-        are dropped, the envs restart and fresh episodes begin."""
-        self.dropped_episodes += self.num_envs
+    def _restart(self, dropped: int | None = None) -> None:
+        """A simulator process died: the partial episodes (``dropped``, by default every env's, since a vector env
+        steps together) are dropped from the statistics, the envs restart and fresh episodes begin."""
+        dropped = self.num_envs if dropped is None else dropped
+        self.dropped_episodes += dropped
         self.restarts += 1
-        log.warning(f"a simulator process died during online training: {self.num_envs} partial episode(s) dropped, "
+        log.warning(f"a simulator process died during online training: {dropped} partial episode(s) dropped, "
                     f"restarting the envs")
         try:
             self._envs.close(terminate=True)

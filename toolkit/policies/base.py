@@ -175,6 +175,10 @@ class PolicyModule(L.LightningModule):
         if self._hist is None or len(self._seen) != n:
             self._hist = {k: v[:, None].repeat_interleave(self.history, 1) for k, v in x.items()}
             self._seen = torch.zeros(n, dtype=torch.long, device=self.device)
+        if self.history == 1:  # the window is the step itself (no padding, nothing to roll)
+            self._hist = {k: v[:, None] for k, v in x.items()}
+            self._seen += 1
+            return self._hist, torch.zeros(n, 1, dtype=torch.bool, device=self.device)
         fresh = self._seen == 0
         for k, v in x.items():
             rolled = torch.cat([self._hist[k][:, 1:], v[:, None]], dim=1)

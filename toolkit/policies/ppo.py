@@ -112,7 +112,8 @@ class PPO(BCTransformer):
             clipfrac = ((ratio - 1).abs() > self.clip_coef).float().mean()
         return {"loss": policy_loss - self.ent_coef * entropy + self.vf_coef * value_loss,
                 "policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy,
-                "approx_kl": approx_kl, "clipfrac": clipfrac}
+                "approx_kl": approx_kl, "clipfrac": clipfrac, "advantage_std": batch["advantage"].std() if len(adv) > 1 else adv.new_zeros(()),
+                **({} if self.discrete else {"action_std": self.log_std.detach().exp().mean()})}
 
     # --- rollouts: the data of one update cycle ------------------------------------------------
     def gae(self, reward: torch.Tensor, value: torch.Tensor, done: torch.Tensor, last_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,11 +136,11 @@ class PPO(BCTransformer):
         if fresh.any():
             self.reset(fresh)
         lang = self._instruction_embedding(obs)
-        hist, _ = self.observe(obs)
-        window = {k: v.clone() for k, v in hist.items()} | ({"lang": lang} if lang is not None else {})
+        hist, _ = self.observe(obs)  # observe() replaces the history tensors, never writes into them
+        window = {**hist, "lang": lang} if lang is not None else dict(hist)
         dist, value = self.distribution_and_value(window)
-        spread = () if self.discrete else (dist.stddev,)
-        if not all(torch.isfinite(x).all() for x in (dist.logits if self.discrete else dist.mean, *spread, value)):
+        check = (dist.logits.sum() if self.discrete else dist.mean.sum() + dist.stddev.sum()) + value.sum()
+        if not torch.isfinite(check):  # one reduction and one sync per step: NaN or inf anywhere shows in the sum
             step = self._trainer.global_step if self._trainer is not None else "?"
             raise ToolkitError(f"PPO: the policy's action distribution or value is not finite when acting before "
                                f"update {step}: the weights diverged (an update with a huge step); lower policy.lr or "
