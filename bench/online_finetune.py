@@ -1,6 +1,7 @@
 """Online fine-tuning of a few-demo BC policy with PPO (issue 14): does FLaRe's recipe raise success?
 
-For each seed, on Meta-World (pick-place-v3 by default), all evaluated at the same 20 unseen positions
+For each seed, on Meta-World (pick-place-v3 by default) or a BabyAI level (``--env babyai``, GoToLocal by default:
+language-conditioned, BabyAI's bot as the expert), all evaluated at the same 20 unseen positions
 (``callbacks.rollout.seed`` 1,000,000, ...; training episodes start at seed 500,000, demos at 0):
 
 1. BC: the BC transformer on ``--demos`` expert demos, ``--bc-steps`` updates; success = its run's final
@@ -16,7 +17,7 @@ The fine-tuning budget is ``--ppo-steps`` minibatch updates (``trainer.max_steps
 ``policy.n_steps`` x ``data.num_envs`` env steps followed by ``policy.n_epochs`` passes of minibatches of
 ``data.batch_size``, so env steps = ppo_steps / (n_epochs * n_steps * num_envs / batch_size) * n_steps * num_envs.
 
-    python bench/online_finetune.py [--root DIR] [--seeds 0 1 2] [--demos 35] [--bc-steps 1000]
+    python bench/online_finetune.py [--env metaworld|babyai] [--task T] [--root DIR] [--seeds 0 1 2] [--demos 35] [--bc-steps 1000]
         [--ppo-steps 480] [--episodes 20] [--rows bc flare scratch no_stabilizers] [--ppo-override k=v ...]
 
 Every run is a ``python train.py`` (one CPU thread each, ``num_threads``); a run whose ``summary.json``
@@ -51,12 +52,20 @@ def code_fingerprint() -> str:
     return "\n".join(lines) + "\n"
 
 ROWS = {
-    "flare": ("PPO + FLaRe stabilizers, from BC", ["policy=ppo_flare", "env.reward=sparse"], True),
-    "scratch": ("PPO from scratch (same encoder config)", ["policy=ppo", "env.reward=sparse"], False),
+    "flare": ("PPO + FLaRe stabilizers, from BC", ["policy=ppo_flare"], True),
+    "scratch": ("PPO from scratch (same encoder config)", ["policy=ppo"], False),
     # ppo_flare with its three stabilizers switched off (everything else, e.g. the exploration noise, as ppo_flare)
     "no_stabilizers": ("PPO from BC, stabilizers off (shared critic, ent 0.01, 10x lr, encoder trained)",
-                       ["policy=ppo_flare", "env.reward=sparse", "policy.lr=3e-5", "policy.ent_coef=0.01",
+                       ["policy=ppo_flare", "policy.lr=3e-5", "policy.ent_coef=0.01",
                         "policy.separate_critic=false", "policy.freeze_encoder=false"], True),
+}
+
+
+# per env: the overrides that select it, the field naming its task, and what makes its reward the sparse success
+# reward (BabyAI's own reward already is: 1 - 0.9 t / T on success, else 0)
+ENVS = {
+    "metaworld": ([], "env.task", "pick-place-v3", ["env.reward=sparse"]),
+    "babyai": (["env=babyai"], "env.level", "GoToLocal", []),
 }
 
 
@@ -125,7 +134,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("/tmp/online_finetune"), help="data + logs dir")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--task", default="pick-place-v3")
+    parser.add_argument("--env", choices=list(ENVS), default="metaworld")
+    parser.add_argument("--task", default=None, help="Meta-World task or BabyAI level (default: pick-place-v3 / GoToLocal)")
     parser.add_argument("--demos", type=int, default=35)
     parser.add_argument("--bc-steps", type=int, default=1000)
     parser.add_argument("--ppo-steps", type=int, default=480, help="minibatch updates (trainer.max_steps)")
@@ -139,7 +149,9 @@ def main() -> None:
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
 
-    env = [f"env.task={args.task}", f"callbacks.rollout.num_episodes={args.episodes}"]
+    select, task_field, default_task, sparse = ENVS[args.env]
+    args.task = args.task or default_task
+    env = [*select, f"{task_field}={args.task}", f"callbacks.rollout.num_episodes={args.episodes}"]
     results: list[tuple[int, str, str, dict | None, dict]] = []  # seed, row key, label, BC summary, run summary
     for seed in args.seeds:
         bc_name = f"bc_{args.task}_d{args.demos}_k{args.bc_steps}_s{seed}"
@@ -152,7 +164,7 @@ def main() -> None:
         for key in [r for r in args.rows if r != "bc"]:
             label, overrides, from_bc = ROWS[key]
             name = f"{key}_{args.task}_d{args.demos}_u{args.ppo_steps}{args.tag}_s{seed}"
-            s = run(name, args.root, [*env, *overrides, *([f"init_from={ckpt}"] if from_bc else []),
+            s = run(name, args.root, [*env, *overrides, *sparse, *([f"init_from={ckpt}"] if from_bc else []),
                                       f"trainer.max_steps={args.ppo_steps}", f"trainer.val_check_interval={every}",
                                       f"seed={seed}", *args.ppo_override], args.threads)
             results.append((seed, key, label, bc if from_bc else None, s))

@@ -378,6 +378,39 @@ def test_killed_online_run_resumes_at_the_same_env_step(tmp_path):
     assert resumed["env/steps"] == 64
 
 
+def test_two_process_ddp_online_run_stays_in_sync_on_its_own_envs_and_resumes(tmp_path):
+    """``trainer=ddp`` (2 CPU processes, gloo): each process steps its own envs on its own training seeds, the
+    updates keep one set of weights, and ``resume=true`` continues the run."""
+    common = [*ONLINE, "trainer=ddp", "callbacks.last_checkpoint.every_n_train_steps=4",
+              "+callbacks.ddp_probe._target_=ddp_probe.DDPProbe", f"+callbacks.ddp_probe.path={tmp_path}/ddp_probe.json"]
+    proc = run_train(*common, "trainer.max_steps=8", root=tmp_path)
+    assert proc.stdout.count("run summary") == 1  # from rank 0
+    probe = json.loads((tmp_path / "ddp_probe.json").read_text())
+    assert probe["world_size"] == 2 and probe["global_step"] == 8
+    a, b = probe["param_sums"]
+    assert a == pytest.approx(b, rel=1e-9)  # the same weights in both processes after 8 updates
+    assert probe["batches"][0] != probe["batches"][1]  # each process trained on its own envs' transitions
+    assert summary_of(tmp_path)["env/steps"] == 32  # rank 0's envs: 2 cycles of 2 envs x 8 steps
+    run_train(*common, "trainer.max_steps=12", "resume=true", root=tmp_path)
+    assert json.loads((tmp_path / "ddp_probe.json").read_text())["global_step"] == 12
+
+
+def test_optuna_search_over_an_online_policy(tmp_path):
+    """``hparams_search=ppo_optuna``: each trial trains PPO online and is scored by its rollout success."""
+    import yaml
+
+    run_train("-m", *ONLINE, "hparams_search=ppo_optuna", "hydra.sweeper.n_trials=2", "trainer.max_steps=4",
+              "trainer.val_check_interval=4", root=tmp_path)
+    sweep = next(Path(tmp_path, "logs", "debug", "multiruns").glob("*"))
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["name"] == "optuna" and 0.0 <= result["best_value"] <= 1.0
+    assert set(result["best_params"]) == {"policy.lr", "policy.ent_coef", "policy.clip_coef"}
+    summaries = [json.loads(s.read_text()) for s in sweep.glob("[0-9]*/summary.json")]
+    assert len(summaries) == 2 and all(s["env/steps"] == 16 for s in summaries)  # 4 updates: one cycle each
+    lrs = {torch.load(s["last_checkpoint"], weights_only=True)["hyper_parameters"]["lr"] for s in summaries}
+    assert len(lrs) == 2 and all(1e-6 <= lr <= 1e-3 for lr in lrs)
+
+
 def test_target_kl_ends_a_cycle_early():
     env = bandit()
     dm = OnlineDataModule(env, num_envs=1, seed=0, batch_size=2, history=1)

@@ -59,6 +59,8 @@ class PolicyModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "optimizer", "scheduler"])
         self.encoder = encoder
+        if not shape_meta["rgb_keys"]:  # state only: the encoder is never called, so it has nothing to learn
+            encoder.requires_grad_(False)  # (and DDP would stop on parameters without gradients)
         self.optimizer_fn, self.scheduler_fn, self.lr = optimizer, scheduler, lr
         self.rgb_keys: list[str] = list(shape_meta["rgb_keys"])
         self.state_dim, self.action_dim = shape_meta["state_dim"], shape_meta["action_dim"]

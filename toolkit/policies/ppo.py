@@ -236,7 +236,10 @@ class PPO(BCTransformer):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.compute_loss(batch)
         if self.target_kl is not None:
-            self._approx_kl = float(losses["approx_kl"])
+            kl = losses["approx_kl"]
+            if self.trainer.world_size > 1:  # every DDP process must stop the cycle at the same minibatch
+                kl = self.trainer.strategy.reduce(kl.detach().clone(), reduce_op="mean")
+            self._approx_kl = float(kl)
         if self._loggers_write_this_step():
             self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(batch["action"]))
             env = self.trainer.datamodule.env_metrics()
