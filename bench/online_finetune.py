@@ -209,11 +209,16 @@ def main() -> None:
         code = Path(s["output_dir"]) / "code.txt"
         ppo = [l.split()[0] for l in code.read_text().splitlines() if l.endswith("ppo.py")] if code.exists() else []
         lines.append(f"- `{Path(s['output_dir']).parent.parent.name}`: {ppo[0] if ppo else 'not recorded'}")
+    write_table(lines, args.out, args.root)
+
+
+def write_table(lines: list[str], out: Path, root: Path) -> None:
+    """Print the markdown lines and write them to ``out``."""
     table = "\n".join(lines)
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")
-    print(f"\nwritten to {args.out}; runs under {args.root}/logs")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n")
+    print(f"\nwritten to {out}; runs under {root}/logs")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from online_finetune import ROOT, first, fmt, last, run  # noqa: E402
+from online_finetune import ROOT, first, fmt, last, run, write_table  # noqa: E402
 from policies import collect  # noqa: E402
 
 
@@ -85,11 +85,7 @@ def main() -> None:
         mean = sum(changes) / len(changes)
         sd = math.sqrt(sum((c - mean) ** 2 for c in changes) / (len(changes) - 1))
         lines += ["", f"Mean change over {len(rows)} seeds: {mean:+.1f} points (sd {sd:.1f})."]
-    table = "\n".join(lines)
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")
-    print(f"\nwritten to {args.out}; runs under {args.root}/logs")
+    write_table(lines, args.out, args.root)
 
 
 if __name__ == "__main__":

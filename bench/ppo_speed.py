@@ -301,6 +301,18 @@ def dinov2_acting(args) -> list[tuple[str, float, int]]:
                      f"{'feature cache (1 frame per env per step)' if cached else f're-encoding the window ({history} frames per env per step)'}",
                      per_step, frames))
     del type(policy).caches_features  # back to the class's own
+    # what a key/value cache of the trunk could shorten: actor and critic trunks + heads over the cached window
+    type(policy).caches_features = lambda self: True
+    policy.reset()
+    step: dict[str, Any] = {}
+    policy._sample(obs[0], np.ones(envs, bool), step)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(args.dinov2_steps):
+            policy.distribution_and_value(step["obs"])
+    del type(policy).caches_features
+    rows.append((f"of which the trunks and heads over the T={history} window of cached features (actor + critic)",
+                 (time.perf_counter() - t0) / args.dinov2_steps, 0))
     return rows
 
 
