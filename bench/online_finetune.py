@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=["bc", *ROWS], choices=["bc", *ROWS])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (num_threads)")
     parser.add_argument("--ppo-override", nargs="*", default=[], help="extra train.py overrides of every PPO run")
+    parser.add_argument("--flare-lr", type=float, default=None,
+                        help="ppo_flare's policy.lr (default: the preset's 3e-6); the stabilizers-off row gets 10x it")
     parser.add_argument("--tag", default="", help="appended to the PPO run names (a tuned variant's own runs)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "online_finetune.md")
     args = parser.parse_args()
@@ -163,6 +165,8 @@ def main() -> None:
         every = max(1, args.ppo_steps // max(1, args.evals))
         for key in [r for r in args.rows if r != "bc"]:
             label, overrides, from_bc = ROWS[key]
+            if args.flare_lr is not None and key != "scratch":  # ppo_flare's lr, and 10x it with the stabilizers off
+                overrides = [*overrides, f"policy.lr={args.flare_lr * (10 if key == 'no_stabilizers' else 1):g}"]
             name = f"{key}_{args.task}_d{args.demos}_u{args.ppo_steps}{args.tag}_s{seed}"
             s = run(name, args.root, [*env, *overrides, *sparse, *([f"init_from={ckpt}"] if from_bc else []),
                                       f"trainer.max_steps={args.ppo_steps}", f"trainer.val_check_interval={every}",
