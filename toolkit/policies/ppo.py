@@ -110,9 +110,10 @@ class PPO(BCTransformer):
         with torch.no_grad():
             approx_kl = ((ratio - 1) - logratio).mean()  # http://joschu.net/blog/kl-approx.html
             clipfrac = ((ratio - 1).abs() > self.clip_coef).float().mean()
+            spread = batch["advantage"].std() if len(adv) > 1 else adv.new_zeros(())  # before normalization
         return {"loss": policy_loss - self.ent_coef * entropy + self.vf_coef * value_loss,
                 "policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy,
-                "approx_kl": approx_kl, "clipfrac": clipfrac, "advantage_std": batch["advantage"].std() if len(adv) > 1 else adv.new_zeros(()),
+                "approx_kl": approx_kl, "clipfrac": clipfrac, "advantage_std": spread,
                 **({} if self.discrete else {"action_std": self.log_std.detach().exp().mean()})}
 
     # --- rollouts: the data of one update cycle ------------------------------------------------
