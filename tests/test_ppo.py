@@ -343,6 +343,36 @@ def test_ppo_learns_the_rewarded_action_of_a_bandit(discrete):
     assert dm.stepper.episode_stats()["success"] > 0.9  # and the last 100 training episodes
 
 
+@pytest.mark.parametrize("discrete", [True, False], ids=["discrete", "continuous"])
+def test_evaluation_can_sample_the_policy_reproducibly_without_touching_the_training_rng(discrete):
+    """``deterministic_eval=False``: act() samples the policy (not its mode), the same samples at every evaluation
+    (its generator is reseeded when an evaluation starts), and training's torch RNG is left as it was."""
+    env = bandit(discrete=discrete, num_contexts=2)
+    policy = make_ppo(env, deterministic_eval=False).eval()
+    states = np.tile(np.eye(2, 3, dtype=np.float32)[:1], (256, 1))  # one context, 256 envs
+
+    def evaluate() -> np.ndarray:
+        policy.reset()
+        return policy.act({"state": states})
+
+    before = torch.get_rng_state()
+    first, second = evaluate(), evaluate()
+    assert torch.equal(torch.get_rng_state(), before)
+    np.testing.assert_array_equal(first, second)
+    with torch.no_grad():
+        dist, _ = policy.distribution_and_value({"state": torch.as_tensor(states[:1])[:, None]})
+    if discrete:  # the sampled actions' frequencies follow the policy's probabilities, not its argmax alone
+        freq = np.bincount(first[:, 0].astype(int), minlength=2) / len(first)
+        np.testing.assert_allclose(freq, dist.probs[0].numpy(), atol=0.1)
+        assert len(set(first[:, 0].tolist())) == 2
+    else:  # normalized samples spread around the mean with the policy's std
+        z = (policy.action_norm.normalize(torch.as_tensor(first)) - dist.mean) / dist.stddev
+        assert abs(float(z.mean())) < 0.2 and 0.8 < float(z.std()) < 1.2
+    policy.deterministic_eval = True
+    policy.reset()
+    assert len(np.unique(policy.act({"state": states}), axis=0)) == 1  # the mode: one action for one context
+
+
 # --- through train.py -------------------------------------------------------------------------------------------
 # PPO on the bandit: 2 envs x 8 steps = 16 env steps per cycle, 2 minibatches x 2 epochs = 4 updates per cycle
 ONLINE = ["policy=ppo", "env=none", "+env._target_=bandit_env.BanditEnv", "data.num_envs=2", "policy.n_steps=8",
@@ -351,6 +381,20 @@ ONLINE = ["policy=ppo", "env=none", "+env._target_=bandit_env.BanditEnv", "data.
 
 def summary_of(root: Path) -> dict:
     return json.loads(sorted(Path(root, "logs", "debug", "runs").glob("*/summary.json"))[-1].read_text())
+
+
+def test_rollout_at_start_evaluates_the_initial_policy_at_step_zero(tmp_path):
+    """``callbacks.rollout.at_start=true``: the policy before any update is evaluated too (the summary's
+    ``rollout_at_start/*``, a step-0 row in the logs), as well as at the end."""
+    import csv
+
+    run_train(*ONLINE, "trainer.max_steps=4", "trainer.val_check_interval=4", "callbacks.rollout.at_start=true",
+              "callbacks.rollout.num_episodes=4", root=tmp_path)
+    summary = summary_of(tmp_path)
+    assert 0.0 <= summary["rollout_at_start/success_rate"] <= 1.0 and 0.0 <= summary["rollout/success_rate"] <= 1.0
+    (metrics,) = Path(summary["output_dir"]).glob("csv/version_*/metrics.csv")
+    steps = [int(r["step"]) for r in csv.DictReader(metrics.open()) if r.get("rollout/success_rate")]
+    assert steps == [0, 3]  # before the first update, and after the 4th (Lightning logs it at step index 3)
 
 
 def test_killed_online_run_resumes_at_the_same_env_step(tmp_path):

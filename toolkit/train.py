@@ -169,6 +169,7 @@ def train(cfg: DictConfig) -> dict:
     train_time = fit_time - sum(getattr(c, "total_time_s", 0.0) for c in callbacks.values())
     summary = {
         **(rollout.last if rollout else {}),
+        **({k.replace("rollout/", "rollout_at_start/"): v for k, v in rollout.start.items()} if rollout else {}),
         "global_step": trainer.global_step,
         "wall_time_s": time.perf_counter() - start,
         "collect_time_s": collect_time,

@@ -135,11 +135,16 @@ class RolloutCallback(L.Callback):
         seed: int = 1_000_000,
         video_episodes: int = 4,
         video_dir: str | None = None,
+        at_start: bool = False,
     ) -> None:
+        """``at_start``: also evaluate the policy before its first update (the "before" of a fine-tuning run,
+        ``init_from``), logged at step 0 and kept in ``start`` (the run summary's ``rollout_at_start/*``)."""
         self.env_cfg, self.num_episodes, self.num_envs = env, num_episodes, num_envs
         self.seed, self.video_episodes, self.video_dir = seed, video_episodes, video_dir
+        self.at_start = at_start
         self._envs = None
         self.total_time_s = 0.0  # spent in rollouts, so train.py can report training speed alone
+        self.start: dict[str, float] = {}
         self.last: dict[str, float] = {}
         self.last_video: Path | None = None
 
@@ -181,9 +186,20 @@ class RolloutCallback(L.Callback):
             todo = todo[~finished]
         return out
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_start and trainer.global_step == 0:  # not again when a run resumes
+            self.start = self._evaluate_and_record(trainer, pl_module)
+            for logger in trainer.loggers:  # Lightning's self.log has no step-0 value outside the loops
+                logger.log_metrics(self.start, step=0)
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        self.last = self._evaluate_and_record(trainer, pl_module)
+        pl_module.log_dict(self.last)  # the same values on every process (gathered in _evaluate_and_record)
+
+    def _evaluate_and_record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Evaluate, gather the episodes of every DDP process, write the video; the ``rollout/*`` metrics."""
         start = time.perf_counter()
         res = self.evaluate(pl_module, trainer.global_rank, trainer.world_size)
         if trainer.world_size > 1:  # each process ran every world_size-th episode: gather them all
@@ -191,19 +207,19 @@ class RolloutCallback(L.Callback):
         self.total_time_s += time.perf_counter() - start
         ok = ~res["failed"]  # a crashed simulator says nothing about the policy: those episodes are left out
         mean = (lambda x: float(x[ok].mean())) if ok.any() else (lambda x: 0.0)  # noqa: E731
-        self.last = {
+        metrics = {
             "rollout/success_rate": mean(res["success"]),
             "rollout/return": mean(res["return"]),
             "rollout/episode_length": mean(res["length"]),
             "rollout/env_steps_per_s": float(res["steps_per_s"]),
             "rollout/failed_episodes": float(res["failed"].sum()),
         }
-        pl_module.log_dict(self.last)  # the same values on every process (gathered above)
         if res["frames"] and self.video_dir and trainer.is_global_zero:
             from toolkit.envs.video import tile_episodes, write_mp4
 
             self.last_video = write_mp4(Path(self.video_dir) / f"rollout_step{trainer.global_step:06d}.mp4",
                                         tile_episodes(res["frames"]))
+        return metrics
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._envs is not None:

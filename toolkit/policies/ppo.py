@@ -45,6 +45,7 @@ class PPO(BCTransformer):
         freeze_encoder: bool = False,
         init_log_std: float = -1.0,
         target_kl: float | None = None,
+        deterministic_eval: bool = True,
         **kwargs,
     ) -> None:
         # a stochastic forward would make the probability ratio noise: no dropout, no augmentation
@@ -68,6 +69,11 @@ class PPO(BCTransformer):
         self._training_hist: tuple = (None, None)  # the training envs' histories (online_batches)
         self._cycle: dict[str, Any] | None = None  # the update cycle in progress: its data and position
         self._approx_kl: float | None = None  # of the last minibatch (target_kl)
+        # act() (evaluation rollouts, load_policy): the distribution's mean / most likely action (True, SB3's
+        # deterministic evaluation), or a sample as in training (False), drawn from its own generator, reseeded
+        # at every evaluation's start: the same episodes for the same weights, and the training RNG untouched
+        self.deterministic_eval = deterministic_eval
+        self._eval_rng = torch.Generator()
 
     # --- the policy and value ------------------------------------------------------------------
     def distribution_and_value(self, obs: dict[str, torch.Tensor]) -> tuple[torch.distributions.Distribution, torch.Tensor]:
@@ -88,6 +94,24 @@ class PPO(BCTransformer):
 
     def entropy(self, dist: torch.distributions.Distribution) -> torch.Tensor:
         return dist.entropy() if self.discrete else dist.entropy().sum(-1)
+
+    def predict(self, obs: dict[str, torch.Tensor], obs_is_pad: torch.Tensor) -> torch.Tensor:
+        """For act(): BC's prediction (the mean, or the most likely action), or a sample of the policy
+        (``deterministic_eval=False``), as ``[B, 1, A]`` normalized actions or ``[B, 1, 1]`` indices."""
+        if self.deterministic_eval:
+            return super().predict(obs, obs_is_pad)
+        dist, _ = self.distribution_and_value(obs)
+        if self._eval_rng.device != self.device:
+            self._eval_rng = torch.Generator(self.device)
+        if self.discrete:
+            return torch.multinomial(dist.probs, 1, generator=self._eval_rng).float()[:, None]
+        noise = torch.randn(dist.mean.shape, generator=self._eval_rng, device=self.device)
+        return (dist.mean + dist.stddev * noise)[:, None]
+
+    def reset(self, mask: np.ndarray | None = None) -> None:
+        super().reset(mask)
+        if mask is None:  # an evaluation starts (training's envs reset by mask)
+            self._eval_rng.manual_seed(0)
 
     # --- the loss ------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
