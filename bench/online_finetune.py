@@ -146,6 +146,8 @@ def main() -> None:
     parser.add_argument("--ppo-override", nargs="*", default=[], help="extra train.py overrides of every PPO run")
     parser.add_argument("--flare-lr", type=float, default=None,
                         help="ppo_flare's policy.lr (default: the preset's 3e-6); the stabilizers-off row gets 10x it")
+    parser.add_argument("--sample-eval", action="store_true",
+                        help="evaluate the PPO runs' sampled policy (policy.deterministic_eval=false), before and after")
     parser.add_argument("--tag", default="", help="appended to the PPO run names (a tuned variant's own runs)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "online_finetune.md")
     args = parser.parse_args()
@@ -162,6 +164,8 @@ def main() -> None:
         if "bc" in args.rows:
             results.append((seed, "bc", f"BC, {args.demos} demos, {args.bc_steps} steps", None, bc))
         ckpt = bc["last_checkpoint"]
+        # --sample-eval: evaluate the policy as it acts in training (sampled), before the first update and after
+        sampled = ["policy.deterministic_eval=false", "callbacks.rollout.at_start=true"] if args.sample_eval else []
         every = max(1, args.ppo_steps // max(1, args.evals))
         for key in [r for r in args.rows if r != "bc"]:
             label, overrides, from_bc = ROWS[key]
@@ -170,7 +174,7 @@ def main() -> None:
             name = f"{key}_{args.task}_d{args.demos}_u{args.ppo_steps}{args.tag}_s{seed}"
             s = run(name, args.root, [*env, *overrides, *sparse, *([f"init_from={ckpt}"] if from_bc else []),
                                       f"trainer.max_steps={args.ppo_steps}", f"trainer.val_check_interval={every}",
-                                      f"seed={seed}", *args.ppo_override], args.threads)
+                                      f"seed={seed}", *sampled, *args.ppo_override], args.threads)
             results.append((seed, key, label, bc if from_bc else None, s))
 
     lines = [f"Task {args.task}; BC on {args.demos} expert demos ({args.bc_steps} steps); fine-tuning budget "
@@ -180,7 +184,7 @@ def main() -> None:
              "wall time (s) |", "|---|---|---|---|---|---|---|---|"]
     for seed, key, label, bc, s in results:
         after = s["rollout/success_rate"]
-        before = bc["rollout/success_rate"] if bc is not None else (0.0 if key == "scratch" else None)
+        before = before_of(s, bc, key)
         change = fmt(100 * (after - before), "+.0f") if before is not None and key != "bc" else ""
         lines.append(f"| {seed} | {label} | {fmt(before, '.0%') if before is not None and key != 'bc' else ''} | "
                      f"{after:.0%} | {change} | {int(s.get('env/steps', 0)) if key != 'bc' else ''} | "
@@ -188,7 +192,7 @@ def main() -> None:
     means = {}
     for seed, key, label, bc, s in results:
         if key != "bc" and bc is not None:
-            means.setdefault(label, []).append(100 * (s["rollout/success_rate"] - bc["rollout/success_rate"]))
+            means.setdefault(label, []).append(100 * (s["rollout/success_rate"] - before_of(s, bc, key)))
     if len(args.seeds) > 1:
         lines += ["", "| run | mean change (points) over seeds |", "|---|---|"]
         lines += [f"| {label} | {sum(v) / len(v):+.1f} ({len(v)} seeds) |" for label, v in means.items()]
@@ -214,6 +218,14 @@ def main() -> None:
         ppo = [l.split()[0] for l in code.read_text().splitlines() if l.endswith("ppo.py")] if code.exists() else []
         lines.append(f"- `{Path(s['output_dir']).parent.parent.name}`: {ppo[0] if ppo else 'not recorded'}")
     write_table(lines, args.out, args.root)
+
+
+def before_of(s: dict, bc: dict | None, key: str) -> float | None:
+    """Success before fine-tuning: the run's own evaluation before its first update when it made one
+    (``--sample-eval``), else its BC checkpoint's final evaluation (the same policy and seeds), 0 from scratch."""
+    if "rollout_at_start/success_rate" in s:
+        return s["rollout_at_start/success_rate"]
+    return bc["rollout/success_rate"] if bc is not None else (0.0 if key == "scratch" else None)
 
 
 def write_table(lines: list[str], out: Path, root: Path) -> None:
