@@ -91,13 +91,13 @@ def make_sb3_env() -> gym.Env:
 
 
 # --- the toolkit --------------------------------------------------------------------------------------------------
-def toolkit_ppo(args, datamodule):
+def toolkit_ppo(args, datamodule, seed: int = 0):
     import torch
 
     from toolkit.encoders.impala import ImpalaEncoder
     from toolkit.policies.ppo import PPO
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     # state only: the encoder is never called (no camera); it is built because every policy owns one
     encoder = ImpalaEncoder(image_size=8, channels=(1,), num_blocks=1, out_dim=1)
     return PPO(encoder, datamodule.shape_meta, datamodule.stats, optimizer=partial(torch.optim.AdamW, weight_decay=1e-4),
