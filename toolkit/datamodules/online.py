@@ -116,7 +116,7 @@ class OnlineDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         trainer = getattr(self, "trainer", None)
-        if trainer is not None:  # DDP: each process steps its own envs on its own training seeds (untested here)
+        if trainer is not None:  # DDP: each process steps its own envs on its own training seeds
             self.stepper.rank, self.stepper.world_size = trainer.global_rank, trainer.world_size
 
     def train_dataloader(self) -> DataLoader:
