@@ -104,6 +104,9 @@ def train(cfg: DictConfig) -> dict:
     spec = check_env(cfg.env) if cfg.get("env") and cfg.env.get("_target_") else None
     datamodule = instantiate(cfg.data)  # likewise a bad data config (the file is opened in setup)
     online = getattr(datamodule, "online", False)  # policy=ppo...: the simulator is the data source
+    if not online and (cfg.get("goals") or cfg.get("intrinsic")):
+        raise ToolkitError("goals= and intrinsic= reward the policy's own experience: they need online training "
+                           f"(policy=ppo, ppo_flare or iql_online), not a dataset ({cfg.data._target_})")
     init = None
     if cfg.get("init_from"):  # online fine-tuning of a checkpoint: its encoder, actor and normalization
         from toolkit.policies.init_from import adopt_checkpoint_config, read_init_checkpoint
@@ -198,6 +201,9 @@ def print_summary(summary: dict) -> None:
     table.add_column(overflow="fold")  # paths are long: wrap them, never cut them
     rows = [
         ("rollout success rate", summary.get("rollout/success_rate")),
+        *([("rollout Crafter score (%)", summary["rollout/crafter_score"]),
+           ("achievements unlocked", summary.get("rollout/achievements_unlocked"))]
+          if "rollout/crafter_score" in summary else []),
         ("mean episode length", summary.get("rollout/episode_length")),
         ("training steps", summary.get("global_step")),
         ("wall time", f"{summary['wall_time_s']:.0f} s"),

@@ -65,18 +65,26 @@ class OnlineDataModule(L.LightningDataModule):
     def __init__(self, env: dict[str, Any], num_envs: int = 4, seed: int = 500_000, batch_size: int = 64,
                  history: int = 2, horizon: int = 1, stats_window: int = 100, name: str | None = None,
                  path: str | None = None, num_demos: int | None = None, num_workers: int = 0,
-                 replay_size: int = 50_000, env_processes: bool = True) -> None:
+                 replay_size: int = 50_000, env_processes: bool = True, goals: dict[str, Any] | None = None,
+                 intrinsic: dict[str, Any] | None = None) -> None:
         """``name``, ``path``, ``num_demos``, ``num_workers``: the offline data fields, unused by on-policy
         training (accepted so that ``debug=fast`` and experiment configs compose with ``data=online``).
         Off-policy training (``policy=iql_online``) seeds its replay buffer with the first ``num_demos``
         episodes of ``path`` and bounds it at ``replay_size`` transitions (offline and online together).
         ``env_processes``: one simulator process per env; False: all envs stepped in this process (faster for
-        simulators cheaper than an inter-process round trip per step, e.g. grid worlds without rendering)."""
+        simulators cheaper than an inter-process round trip per step, e.g. grid worlds without rendering).
+        ``goals``: ELLM's goal reward (the ``goals=`` config: a suggester plus the reward rule's fields),
+        ``intrinsic``: a novelty reward (``intrinsic=rnd``); both added to the env's reward
+        (``toolkit.exploration.terms``)."""
         super().__init__()
         self.env_cfg, self.num_envs, self.seed, self.batch_size = env, num_envs, seed, batch_size
         self.path, self.num_demos, self.replay_size = path, num_demos, replay_size
         self.history, self.horizon = history, horizon
-        self.stepper = EnvStepper(env, num_envs, seed, stats_window, processes=env_processes)
+        from toolkit.exploration.terms import build_reward_terms
+
+        self.reward_terms = build_reward_terms(goals, intrinsic, num_envs)
+        self.stepper = EnvStepper(env, num_envs, seed, stats_window, processes=env_processes,
+                                  reward_terms=self.reward_terms)
         self.shape_meta, self.stats = self._from_env()
         self.language = None  # set by train.py when the env gives instructions
         self.instruction_summary = None
@@ -135,7 +143,8 @@ class OnlineDataModule(L.LightningDataModule):
         """For the logs and progress bar: env steps, env steps/s (this process, since training started), and the
         recent training episodes' success, return and length."""
         rate = (self.stepper.env_steps - self._steps_at_start) / max(time.perf_counter() - self._started, 1e-9)
-        stats = {f"env/{k}": v for k, v in self.stepper.episode_stats().items()}
+        # the reward terms' own metrics keep their names (goals/..., rnd/...)
+        stats = {k if "/" in k else f"env/{k}": v for k, v in self.stepper.episode_stats().items()}
         return {"env/steps": float(self.stepper.env_steps), "env/steps_per_s": rate, **stats,
                 "env/episodes": float(self.stepper.episodes_done)}
 

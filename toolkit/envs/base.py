@@ -2,7 +2,8 @@
 
 Observations are dicts ``{"rgb_<camera>": HxWx3 uint8, "state": float32 [D], "instruction": str}``
 (``instruction`` only where the task has one); ``info["success"]`` is a bool on every step.
-Episodes end on success (when ``terminate_on_success``) or after ``max_episode_steps``.
+Episodes end on success (when ``terminate_on_success``), in a terminal state that is no success (``_step``
+returns ``info["terminal"] = True``: a death, a failed mission) or after ``max_episode_steps``.
 
 ``reset(seed=s)`` must make the episode a pure function of ``s`` (object positions, goals): the
 collection uses seeds ``data.seed + i`` and evaluation uses ``env.eval_seed + k``, two disjoint ranges,
@@ -38,7 +39,8 @@ class RobotEnv(gym.Env):
         raise NotImplementedError
 
     def _step(self, action: np.ndarray) -> tuple[dict[str, Any], float, bool, dict[str, Any]]:
-        """Returns (obs, reward, success, info)."""
+        """Returns (obs, reward, success, info); ``info["terminal"] = True`` ends the episode without success
+        (the key is consumed: it is not in the info ``step`` returns)."""
         raise NotImplementedError
 
     def expert_action(self) -> np.ndarray:
@@ -81,7 +83,7 @@ class RobotEnv(gym.Env):
         obs, reward, success, info = self._step(np.asarray(action, dtype=np.float32))
         self._t += 1
         info["success"] = bool(success)
-        terminated = bool(success and self.terminate_on_success)
+        terminated = bool(success and self.terminate_on_success) or bool(info.pop("terminal", False))
         truncated = self._t >= self.max_episode_steps and not terminated
         self._done = terminated or truncated
         self._last = (obs, reward, terminated, truncated, info)

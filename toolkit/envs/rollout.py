@@ -85,6 +85,12 @@ def run_rollouts(policy: Any, envs, num_episodes: int, seed: int | Sequence[int]
             for i in np.flatnonzero(ended):
                 if episode_of[i] in frames and camera_key:
                     frames[episode_of[i]].append(obs[camera_key][i])
+            if ended.any() and "achievements" in info:  # Crafter: what each finished episode unlocked
+                names, unlocked = achievement_flags(info["achievements"])
+                if results.get("achievements") is None:
+                    results["achievements"] = names
+                    results["unlocked"] = np.zeros((num_episodes, len(names)), bool)
+                results["unlocked"][episode_of[ended]] = unlocked[ended]
             restart = ended & (np.cumsum(ended) <= num_episodes - next_episode)
             active &= ~(ended & ~restart)
             if restart.any():
@@ -96,6 +102,27 @@ def run_rollouts(policy: Any, envs, num_episodes: int, seed: int | Sequence[int]
     return results
 
 
+def achievement_flags(achievements: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+    """A vector env's ``info["achievements"]`` (one bool array per name, with gymnasium's ``_name`` masks) as
+    the sorted names and a bool matrix ``[envs, names]``."""
+    names = sorted(k for k in achievements if not k.startswith("_"))
+    return names, np.stack([np.asarray(achievements[k], bool) for k in names], axis=1)
+
+
+def achievement_metrics(names: list[str], unlocked: np.ndarray, prefix: str) -> dict[str, float]:
+    """Per achievement the fraction of episodes that unlocked it, the distinct achievements unlocked in any
+    episode, the mean per episode, and the Crafter score (Hafner, 2021: the geometric mean of the success rates
+    in percent, ``exp(mean ln(1 + s)) - 1``), over the rows of ``unlocked`` ``[episodes, names]``."""
+    from toolkit.envs.crafter import crafter_score
+
+    rates = unlocked.mean(0) if len(unlocked) else np.zeros(len(names))
+    metrics = {f"{prefix}achievement/{name}": float(r) for name, r in zip(names, rates)}
+    metrics[f"{prefix}achievements_unlocked"] = float(unlocked.any(0).sum()) if len(unlocked) else 0.0
+    metrics[f"{prefix}achievements_per_episode"] = float(unlocked.sum(1).mean()) if len(unlocked) else 0.0
+    metrics[f"{prefix}crafter_score"] = crafter_score({n: 100 * float(r) for n, r in zip(names, rates)})
+    return metrics
+
+
 def _gather_episodes(pl_module: L.LightningModule, res: dict[str, Any], n: int) -> dict[str, Any]:
     """Every process's episodes, merged (each process filled only its own, ``res["mine"]``)."""
     import torch
@@ -105,6 +132,10 @@ def _gather_episodes(pl_module: L.LightningModule, res: dict[str, Any], n: int) 
     total = pl_module.all_gather(local).sum(0).cpu().numpy()  # [world, 4, n] -> [4, n]
     rate = pl_module.all_gather(torch.tensor(float(res["steps_per_s"]), dtype=torch.float64)).sum().item()
     merged = {k: total[i].astype(res[k].dtype) for i, k in enumerate(keys)}
+    if res.get("achievements") is not None:
+        mine = np.where(res["mine"][:, None], res["unlocked"], False)
+        merged["unlocked"] = pl_module.all_gather(torch.as_tensor(mine)).any(0).cpu().numpy()
+        merged["achievements"] = res["achievements"]
     return {**merged, "frames": res["frames"], "steps_per_s": rate, "mine": np.ones(n, bool)}
 
 
@@ -183,6 +214,10 @@ class RolloutCallback(L.Callback):
             done = finished & ~np.isin(todo, out["failed"].nonzero()[0])
             for key in ("success", "return", "length"):
                 out[key][todo[done]] = res[key][done]
+            if res.get("achievements") is not None:
+                if out.get("achievements") is None:
+                    out["achievements"], out["unlocked"] = res["achievements"], np.zeros((n, len(res["achievements"])), bool)
+                out["unlocked"][todo[done]] = res["unlocked"][done]
             todo = todo[~finished]
         return out
 
@@ -214,6 +249,8 @@ class RolloutCallback(L.Callback):
             "rollout/env_steps_per_s": float(res["steps_per_s"]),
             "rollout/failed_episodes": float(res["failed"].sum()),
         }
+        if res.get("achievements") is not None:  # Crafter
+            metrics.update(achievement_metrics(res["achievements"], res["unlocked"][ok], "rollout/"))
         if res["frames"] and self.video_dir and trainer.is_global_zero:
             from toolkit.envs.video import tile_episodes, write_mp4
 

@@ -3,18 +3,24 @@ reset at once from the next training seed, episode statistics, and restarts when
 
 Online algorithms (PPO's rollout buffer, online IQL's replay buffer) call ``step(action_fn)`` and get one
 transition per env; evaluation rollouts (``toolkit.envs.rollout``) keep their own loop over fixed seeds.
+
+Reward terms (``reward_terms``: ELLM's goal reward, RND; ``toolkit.exploration``) add an intrinsic reward to the
+env's: each has ``on_reset(mask, info)`` (episodes started, with the reset's info), ``on_step(transition) ->
+[E]`` rewards, ``metrics()``, ``state_dict()`` / ``load_state_dict()``. The algorithms see the sum; the episode
+statistics keep the env's return and the intrinsic return apart.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from toolkit.envs.rollout import WORKER_DIED
+from toolkit.errors import ToolkitError
 from toolkit.envs.vector import make_vector_env, reset_some, update_instructions
 
 log = logging.getLogger(__name__)
@@ -30,7 +36,8 @@ class EnvStepper:
     reset), ``success``.
     """
 
-    def __init__(self, env_cfg: Any, num_envs: int, seed: int, stats_window: int = 100, processes: bool = True) -> None:
+    def __init__(self, env_cfg: Any, num_envs: int, seed: int, stats_window: int = 100, processes: bool = True,
+                 reward_terms: Sequence[Any] = ()) -> None:
         """``processes``: one simulator process per env (``make_vector_env``, for more than one env); False: every
         env in this process, stepped one after the other (no inter-process round trip per step: faster for
         simulators that step in well under a millisecond, e.g. grid worlds without rendering)."""
@@ -40,6 +47,10 @@ class EnvStepper:
         self.episodes_started = 0  # the next episode's seed is seed + episodes_started
         self.episodes_done = 0
         self.recent: deque[dict[str, float]] = deque(maxlen=stats_window)  # finished episodes' stats
+        # the achievements each recent episode unlocked (envs whose info has ``achievements``: Crafter)
+        self.recent_unlocked: deque[list[str]] = deque(maxlen=stats_window)
+        self.achievement_names: list[str] | None = None
+        self.reward_terms = list(reward_terms)
         self.dropped_episodes = 0  # lost to simulator crashes
         self.restarts = 0
         self._envs = None
@@ -48,6 +59,8 @@ class EnvStepper:
         self._instructions = np.full(num_envs, None, dtype=object)
         self._gives_instructions: bool | None = None  # known after the first reset; False: never asked again
         self._return = np.zeros(num_envs)
+        self._intrinsic_return = np.zeros(num_envs)
+        self._succeeded = np.zeros(num_envs, bool)  # at any step (an env may go on after success)
         self._length = np.zeros(num_envs, int)
 
     # --- episodes ------------------------------------------------------------------------------
@@ -55,13 +68,17 @@ class EnvStepper:
         # several processes (DDP) interleave their episodes: process r of w runs seeds seed + k * w + r
         seeds = [self.seed + (self.episodes_started + i) * self.world_size + self.rank for i in range(int(mask.sum()))]
         self.episodes_started += len(seeds)
-        self._obs = reset_some(self._envs, mask, seeds, self._obs)
+        info: dict[str, Any] = {}
+        self._obs = reset_some(self._envs, mask, seeds, self._obs, info)
+        for term in self.reward_terms:
+            term.on_reset(mask, info)
         if self._gives_instructions is not False:  # each call is a round trip to every simulator process
             update_instructions(self._envs, mask, self._instructions)
             if self._gives_instructions is None:
                 self._gives_instructions = any(i is not None for i in self._instructions)
         self._fresh |= mask
-        self._return[mask], self._length[mask] = 0.0, 0
+        self._return[mask], self._intrinsic_return[mask], self._length[mask] = 0.0, 0.0, 0
+        self._succeeded[mask] = False
 
     def _open(self) -> None:
         self._envs = make_vector_env(self.env_cfg, self.num_envs, self.processes)
@@ -97,12 +114,25 @@ class EnvStepper:
         self._length += 1
         ended = terminated | truncated
         success = np.asarray(info["success"], bool)
+        self._succeeded |= success
+        transition = {"obs": obs, "action": action, "reward": reward, "terminated": np.asarray(terminated, bool),
+                      "truncated": np.asarray(truncated, bool), "next_obs": next_obs, "success": success,
+                      "info": info, "env_reward": reward}
+        if self.reward_terms:
+            intrinsic = sum(np.asarray(term.on_step(transition), np.float64) for term in self.reward_terms)
+            self._intrinsic_return += intrinsic
+            transition["reward"] = reward + intrinsic
+        unlocked = None
+        if ended.any() and "achievements" in info:
+            from toolkit.envs.rollout import achievement_flags
+
+            self.achievement_names, unlocked = achievement_flags(info["achievements"])
         for i in np.flatnonzero(ended):
             self.recent.append({"return": float(self._return[i]), "length": float(self._length[i]),
-                                "success": float(success[i])})
+                                "success": float(self._succeeded[i]), "intrinsic_return": float(self._intrinsic_return[i])})
+            if unlocked is not None:
+                self.recent_unlocked.append([n for n, u in zip(self.achievement_names, unlocked[i]) if u])
             self.episodes_done += 1
-        transition = {"obs": obs, "action": action, "reward": reward, "terminated": np.asarray(terminated, bool),
-                      "truncated": np.asarray(truncated, bool), "next_obs": next_obs, "success": success}
         self._obs = next_obs
         if ended.any():
             try:
@@ -128,16 +158,30 @@ class EnvStepper:
         self._open()
 
     def episode_stats(self) -> dict[str, float]:
-        """Mean success / return / length of the last ``stats_window`` finished episodes ({} before the first)."""
-        if not self.recent:
-            return {}
-        return {k: float(np.mean([e[k] for e in self.recent])) for k in ("success", "return", "length")}
+        """Mean success / return / length of the last ``stats_window`` finished episodes ({} before the first);
+        with reward terms also their intrinsic return and the terms' own metrics; with achievements (Crafter)
+        the Crafter score, the distinct achievements unlocked and their mean number per episode."""
+        stats = {}
+        if self.recent:
+            keys = ("success", "return", "length") + (("intrinsic_return",) if self.reward_terms else ())
+            stats = {k: float(np.mean([e.get(k, 0.0) for e in self.recent])) for k in keys}
+        if self.recent_unlocked:
+            from toolkit.envs.rollout import achievement_metrics
+
+            names = self.achievement_names or sorted({n for e in self.recent_unlocked for n in e})
+            flags = np.array([[n in e for n in names] for e in self.recent_unlocked], bool)
+            stats.update({k: v for k, v in achievement_metrics(names, flags, "").items() if "/" not in k})
+        for term in self.reward_terms:
+            stats.update(term.metrics())
+        return stats
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"env_steps": self.env_steps, "episodes_started": self.episodes_started,
                 "episodes_done": self.episodes_done, "recent": list(self.recent),
-                "dropped_episodes": self.dropped_episodes}
+                "recent_unlocked": list(self.recent_unlocked), "achievement_names": self.achievement_names,
+                "dropped_episodes": self.dropped_episodes,
+                "reward_terms": [term.state_dict() for term in self.reward_terms]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Counters and statistics continue; episodes that were running when the checkpoint was written are
@@ -146,6 +190,15 @@ class EnvStepper:
         self.episodes_done, self.dropped_episodes = int(state["episodes_done"]), int(state["dropped_episodes"])
         self.recent.clear()
         self.recent.extend(state["recent"])
+        self.recent_unlocked.clear()
+        self.recent_unlocked.extend(state.get("recent_unlocked", []))
+        self.achievement_names = state.get("achievement_names")
+        saved = state.get("reward_terms", [])
+        if len(saved) != len(self.reward_terms):
+            raise ToolkitError(f"the checkpoint has {len(saved)} intrinsic reward term(s), this run {len(self.reward_terms)}: "
+                               f"resume with the same goals= and intrinsic= settings")
+        for term, term_state in zip(self.reward_terms, saved):
+            term.load_state_dict(term_state)
         if self._envs is not None:
             self._envs.close()
             self._envs = None

@@ -55,13 +55,16 @@ def make_vector_env(env_cfg: DictConfig | dict, num_envs: int, processes: bool =
 
 
 def reset_some(envs: gym.vector.VectorEnv, mask: np.ndarray, seeds: list[int],
-               obs: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+               obs: dict[str, np.ndarray] | None = None, infos: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Reset the envs selected by ``mask`` with ``seeds`` (one per selected env, in order); the other
-    envs keep their entries of ``obs``. Returns the merged batch of observations."""
+    envs keep their entries of ``obs``. Returns the merged batch of observations; the reset's info (the vector
+    env's dict of per-env arrays) goes into ``infos`` when given."""
     per_env: list[int | None] = [None] * envs.num_envs
     for i, s in zip(np.flatnonzero(mask), seeds):
         per_env[i] = s
-    reset_obs, _ = envs.reset(seed=per_env, options={"reset_mask": mask})
+    reset_obs, info = envs.reset(seed=per_env, options={"reset_mask": mask})
+    if infos is not None:
+        infos.update(info)
     if obs is None:
         return reset_obs
     return {k: np.where(mask.reshape(-1, *[1] * (v.ndim - 1)), reset_obs[k], v) for k, v in obs.items()}

@@ -1,0 +1,93 @@
+"""ELLM's goal reward and RND inside online training on real Crafter: the stepper rewards a suggested goal when
+the step achieves it, short train.py runs with goals=oracle / goals=llm (a local chat server) and intrinsic=rnd
+end to end with rollouts, and the bad inputs (an unreachable model server, goals without online training)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chat_server import ChatServer, chat_server  # noqa: F401 (fixture)
+from conftest import run_train
+from test_crafter import ACTION, wood_action
+from toolkit.envs.crafter_text import OracleGoals
+from toolkit.envs.stepper import EnvStepper
+from toolkit.exploration.terms import GoalReward
+
+SMALL_CRAFTER = {"_target_": "toolkit.envs.crafter.CrafterEnv", "area": [32, 32], "image_size": 32,
+                 "max_episode_steps": 60, "reward": "none"}
+# a few PPO updates on Crafter in a small world (fast world generation) at 40 px (RND's CNN needs 36) with short
+# episodes, two evaluation episodes
+CRAFTER_PPO = ["experiment=crafter_ppo", "env.area=[32,32]", "env.image_size=40", "env.max_episode_steps=30",
+               "data.num_envs=2", "policy.n_steps=8", "data.batch_size=8", "policy.n_epochs=1",
+               "trainer.max_steps=4", "trainer.val_check_interval=4", "callbacks.rollout.num_episodes=2",
+               "callbacks.rollout.num_envs=1", "num_threads=1", "data.env_processes=false"]
+
+
+def summary_of(root: Path) -> dict:
+    return json.loads(sorted(Path(root, "logs", "debug", "runs").glob("*/summary.json"))[-1].read_text())
+
+
+def test_a_suggested_goal_is_rewarded_on_the_step_that_achieves_it():
+    """The oracle suggests "collect wood" next to a tree; the step that collects the first wood gets the goal
+    reward (1), the env's own reward stays apart (env.reward=none: 0), later wood is not a suggested goal any more."""
+    term = GoalReward(OracleGoals(), num_envs=1, threshold=0.99, coef=1.0)
+    stepper = EnvStepper(SMALL_CRAFTER, num_envs=1, seed=1, processes=False, reward_terms=[term])
+    stepper.observation()
+    env = stepper._envs.envs[0]
+    rewards, wood = [], []
+    for _ in range(120):
+        before = env._env._player.inventory["wood"]
+        tr = stepper.step(lambda obs, fresh: np.array([ACTION[wood_action(env)]]))
+        rewards.append(float(tr["reward"][0]))
+        assert tr["env_reward"][0] == 0.0
+        wood.append(env._env._player.inventory["wood"] > before)
+        if sum(wood) == 2:
+            break
+    assert sum(wood) == 2, "the scripted walk did not collect 2 wood"
+    first = wood.index(True)
+    assert rewards[first] == 1.0 and sum(rewards) == 1.0
+    assert term.metrics()["goals/achieved/collect_wood"] == 1.0
+    stepper.close()
+
+
+def test_crafter_ppo_with_oracle_goals_and_rnd_end_to_end(tmp_path):
+    """train.py env=crafter policy=ppo goals=oracle intrinsic=rnd: trains, evaluates with rollouts (the Crafter
+    score and per-achievement rates), logs the goal and RND metrics and keeps them in the summary."""
+    run_train(*CRAFTER_PPO, "goals=oracle", "intrinsic=rnd", root=tmp_path)
+    summary = summary_of(tmp_path)
+    assert summary["global_step"] == 4 and summary["env/steps"] == 32  # 2 cycles of 2 envs x 8 steps, 2 updates each
+    assert {f"rollout/achievement/{a}" for a in ("collect_wood", "place_table", "eat_cow")} <= set(summary)
+    assert 0.0 <= summary["rollout/crafter_score"] <= 100.0
+    assert summary["goals/suggested_per_step"] > 0  # the oracle suggested goals at every step
+    assert np.isfinite(summary["rnd/reward"]) and np.isfinite(summary["rnd/predictor_loss"])
+
+
+def test_crafter_ppo_with_language_model_goals_from_a_local_server(tmp_path, chat_server):  # noqa: F811
+    """goals=llm against an OpenAI-compatible server on 127.0.0.1: suggestions come from it, each caption is
+    asked once (the cache), and the calls are logged."""
+    chat_server.reply = "- collect wood\n- place table\n- drink water"
+    run_train(*CRAFTER_PPO, "goals=llm", f"goals.base_url={chat_server.url}", "goals.model=test-model", root=tmp_path)
+    summary = summary_of(tmp_path)
+    asked = chat_server.count()
+    assert asked == summary["goals/llm_calls"] > 0
+    assert summary["goals/llm_cache_hits"] > 0  # captions repeat: the same caption never costs a second call
+    captions = [r["body"]["messages"][-1]["content"] for r in chat_server.requests
+                if r["path"] == "/v1/chat/completions"]
+    assert len(set(captions)) == len(captions)
+
+
+def test_unreachable_model_server_fails_at_start_up(tmp_path):
+    with ChatServer() as server:
+        url = server.url  # a port that was just free, closed again below
+    proc = run_train(*CRAFTER_PPO, "goals=llm", f"goals.base_url={url}", "goals.model=m", root=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "goals.base_url" in proc.stderr + proc.stdout and not list(Path(tmp_path).glob("logs/debug/runs/*/checkpoints"))
+
+
+def test_goals_need_online_training(tmp_path, tiny_file):
+    proc = run_train(f"data.path={tiny_file}", "goals=oracle", root=tmp_path, check=False)
+    assert proc.returncode != 0 and "need online training" in proc.stderr + proc.stdout

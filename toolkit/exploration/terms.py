@@ -1,0 +1,146 @@
+"""Intrinsic rewards as terms of the online training envs' reward (``toolkit.envs.stepper.EnvStepper``).
+
+``goals=`` (ELLM, Du et al., 2023): before each step a suggester proposes goals from the caption of the env's
+current state; the step is rewarded for each suggested goal that its transition caption achieves
+(``toolkit.exploration.ellm.ELLMReward``: MiniLM cosine similarity above ``threshold``, each goal once per
+episode). ``intrinsic=rnd`` (Burda et al., 2018): the prediction error of a distilled random network on the
+next observation, its predictor trained on every step's observations. Both add ``coef * reward`` to the env's
+reward; ``env.reward=none`` leaves only the intrinsic part (ELLM's reward-free pre-training).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+
+from toolkit.errors import ToolkitError
+
+log = logging.getLogger(__name__)
+
+# fields of the goals= config that belong to the reward rule, not to the suggester it instantiates
+GOAL_REWARD_FIELDS = ("threshold", "coef")
+
+
+def build_reward_terms(goals: Any, intrinsic: Any, num_envs: int) -> list[Any]:
+    """The terms named by the ``goals=`` and ``intrinsic=`` configs (none when both are null). The suggester
+    is checked here (an unreachable model server fails at start-up, not mid-run)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    def plain(node: Any) -> dict[str, Any]:
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+
+    terms: list[Any] = []
+    if goals:
+        goals = plain(goals)
+        rule = {k: goals.pop(k) for k in GOAL_REWARD_FIELDS if k in goals}
+        suggester = instantiate(goals)
+        suggester.check()
+        terms.append(GoalReward(suggester, num_envs, **rule))
+    if intrinsic:
+        terms.append(RNDReward(instantiate(plain(intrinsic))))
+    return terms
+
+
+def _texts(info: dict[str, Any], key: str, i: int) -> str:
+    values = info.get(key)
+    if values is None:
+        raise ToolkitError(f"goals= needs an env that captions its states (info['{key}']): env=crafter; this env's "
+                           f"info has {sorted(k for k in info if not k.startswith('_'))}")
+    return str(values[i] or "")
+
+
+class GoalReward:
+    """ELLM's goal reward for ``num_envs`` envs: goals suggested for each env's current state, rewarded when a
+    step's transition caption matches one (each goal at most once per episode)."""
+
+    def __init__(self, suggester: Any, num_envs: int, threshold: float = 0.99, coef: float = 1.0,
+                 embedder: Any = None) -> None:
+        from toolkit.exploration.ellm import ELLMReward
+
+        if not 0.0 < threshold <= 1.0:
+            raise ToolkitError(f"goals.threshold={threshold}: a cosine similarity in (0, 1]")
+        self.suggester, self.coef = suggester, coef
+        self.rule = ELLMReward(embedder=embedder, threshold=threshold, num_envs=num_envs)
+        self.goals: list[list[str]] = [[] for _ in range(num_envs)]
+        self.suggested = 0  # goal suggestions made (per env and step)
+        self.steps = 0
+        self.achieved: Counter[str] = Counter()  # rewarded goals, by name
+
+    def _suggest(self, info: dict[str, Any], i: int) -> list[str]:
+        context = json.loads(_texts(info, "goal_context", i) or "{}")
+        goals = self.suggester.suggest(_texts(info, "caption", i), context)
+        self.suggested += len(goals)
+        return goals
+
+    def on_reset(self, mask: np.ndarray, info: dict[str, Any]) -> None:
+        for i in np.flatnonzero(mask):
+            self.rule.reset(int(i))
+            self.goals[i] = self._suggest(info, int(i))
+
+    def on_step(self, transition: dict[str, Any]) -> np.ndarray:
+        info = transition["info"]
+        ended = transition["terminated"] | transition["truncated"]
+        reward = np.zeros(len(ended))
+        for i in range(len(ended)):
+            achieved = [g for g in _texts(info, "transition", i).split(", ") if g]
+            reward[i], rewarded = self.rule.reward(i, achieved, self.goals[i])
+            self.achieved.update(rewarded)
+            if not ended[i]:  # an ended env's next goals come with its next episode's first state (on_reset)
+                self.goals[i] = self._suggest(info, i)
+        self.steps += len(ended)
+        return self.coef * reward
+
+    def metrics(self) -> dict[str, float]:
+        out = {"goals/suggested_per_step": self.suggested / max(self.steps, 1),
+               "goals/achieved": float(sum(self.achieved.values()))}
+        out.update({f"goals/achieved/{g.replace(' ', '_')}": float(n) for g, n in self.achieved.items()})
+        stats = getattr(self.suggester, "stats", None)
+        if stats is not None:
+            out.update({f"goals/llm_{k}": float(v) for k, v in stats().items()})
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"suggested": self.suggested, "steps": self.steps, "achieved": dict(self.achieved)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.suggested, self.steps = int(state["suggested"]), int(state["steps"])
+        self.achieved = Counter(state["achieved"])
+
+
+class RNDReward:
+    """RND's novelty of each step's next observation, its predictor trained on those observations as they come."""
+
+    def __init__(self, rnd: Any) -> None:
+        self.rnd = rnd
+        self.last_loss = float("nan")
+        self.last_reward = float("nan")
+
+    def on_reset(self, mask: np.ndarray, info: dict[str, Any]) -> None:
+        pass
+
+    def on_step(self, transition: dict[str, Any]) -> np.ndarray:
+        key = self.rnd.obs_key
+        if key not in transition["next_obs"]:
+            raise ToolkitError(f"intrinsic.obs_key={key!r}: the env's observations are {sorted(transition['next_obs'])}")
+        obs = torch.as_tensor(np.asarray(transition["next_obs"][key]))
+        if obs.dim() == 4 and obs.shape[-1] in (1, 3):  # HWC frames -> CHW
+            obs = obs.permute(0, 3, 1, 2)
+        reward = self.rnd.reward(obs).cpu().numpy().astype(np.float64)
+        self.last_loss = float(self.rnd.update(obs))
+        self.last_reward = float(reward.mean())
+        return self.rnd.coef * reward
+
+    def metrics(self) -> dict[str, float]:
+        return {"rnd/reward": self.last_reward, "rnd/predictor_loss": self.last_loss}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.rnd.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rnd.load_state_dict(state)
