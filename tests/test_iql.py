@@ -254,3 +254,29 @@ def test_discrete_iql_trains_on_collected_babyai_episodes(tmp_path):
             obs, *_ = envs.step(action.astype(np.int64)[:, 0])
     finally:
         envs.close()
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_no_gradient_clipping_by_default_and_per_network_clipping_when_asked(max_grad_norm):
+    """As the IQL references, the default leaves gradients alone (even with the trainer's gradient_clip_val);
+    ``policy.max_grad_norm`` clips the critic and the actor each to that norm, so the critic's large TD gradient
+    never shrinks the actor's step (clipping them together would)."""
+    policy = make_policy(max_grad_norm=max_grad_norm)
+    batch = make_batch()
+    batch["reward"] = batch["reward"] * 100.0  # a large TD error: the critic's gradient dwarfs the actor's
+    optimizer = policy.configure_optimizers()["optimizer"]
+    policy.compute_loss(batch)["loss"].backward()
+
+    def norms() -> list[float]:
+        return [float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in g["params"] if p.grad is not None])))
+                for g in optimizer.param_groups]
+
+    before = norms()
+    assert before[0] > 10 * before[1] > 0  # critic (V, Qs, trunk, encoder) vs actor
+    policy.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    after = norms()
+    if max_grad_norm is None:
+        assert after == before
+    else:
+        for b, a in zip(before, after):
+            assert a == pytest.approx(min(b, max_grad_norm), rel=1e-4)

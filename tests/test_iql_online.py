@@ -329,3 +329,27 @@ def test_init_from_a_non_iql_checkpoint_or_another_env_is_refused(offline_run, o
     GlobalHydra.instance().clear()
     with pytest.raises(ToolkitError, match="trained on other observations or actions than env"):
         adopt_checkpoint_config(cfg, read_init_checkpoint(ckpt), check_env(cfg.env), ckpt)
+
+
+@pytest.mark.parametrize("reward,env_setting,forced,expected", [
+    ("dense", True, None, False),  # a shaped reward: training episodes go on after success
+    ("sparse", True, None, True),  # success is the reward: ending there costs nothing
+    ("dense", False, None, False),
+    ("dense", True, True, True),  # data.terminate_on_success forces either way
+    ("sparse", True, False, False),
+])
+def test_training_episodes_with_a_dense_reward_go_on_after_success(reward, env_setting, forced, expected):
+    """With a dense reward, an episode ending at success loses the reward of the steps it had left, so online RL
+    that bootstraps at the time limit learns to hover next to the goal: the training envs go on after success
+    unless told otherwise; evaluation keeps the env config as it is."""
+    from omegaconf import OmegaConf
+
+    from conftest import TINY_ENV
+    from toolkit.datamodules.online import OnlineDataModule, training_env
+
+    env = OmegaConf.create({**TINY_ENV, "reward": reward, "terminate_on_success": env_setting})
+    assert training_env(env, forced)["terminate_on_success"] is expected
+    assert env.terminate_on_success is env_setting  # the config itself is left alone
+    dm = OnlineDataModule(env, num_envs=1, terminate_on_success=forced)
+    assert dm.stepper.env_cfg["terminate_on_success"] is expected and dm.env_cfg is env
+    assert training_env({"_target_": "bandit_env.BanditEnv"}, None) == {"_target_": "bandit_env.BanditEnv"}

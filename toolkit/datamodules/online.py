@@ -10,6 +10,7 @@ step with the next training seeds.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from typing import Any
@@ -22,6 +23,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from toolkit.envs.stepper import EnvStepper
 from toolkit.envs.vector import check_env, make_env
+
+log = logging.getLogger(__name__)
 
 
 class _NextBatch:
@@ -55,6 +58,27 @@ class _OnlineBatches(IterableDataset):
             yield _NextBatch(batches)
 
 
+def training_env(env: Any, terminate_on_success: bool | None) -> Any:
+    """The env config of the training envs. With a dense reward, an episode that ends at success loses the reward
+    it would have earned by staying there: a shaped reward pays every step on the way (Meta-World: ~4-9 per
+    step before success), so an agent that bootstraps at the time limit learns that hovering next to the goal
+    is worth more than reaching it (online IQL on drawer-open lost its offline policy this way:
+    bench/results/online_iql.md). ``None``: the env's own setting, except that a dense-reward env's training
+    episodes go on after success to the time limit (success then counts at any step); True/False: forced."""
+    from omegaconf import OmegaConf
+
+    if env is None or "terminate_on_success" not in env:
+        return env
+    cfg = OmegaConf.to_container(env, resolve=True) if OmegaConf.is_config(env) else dict(env)
+    if terminate_on_success is None:
+        terminate_on_success = bool(cfg["terminate_on_success"]) and cfg.get("reward") != "dense"
+        if terminate_on_success != bool(cfg["terminate_on_success"]):
+            log.info("training episodes go on after success (env.reward=dense: ending them there would make success "
+                     "cost the reward of the steps left); data.terminate_on_success=true to end them")
+    cfg["terminate_on_success"] = bool(terminate_on_success)
+    return cfg
+
+
 class OnlineDataModule(L.LightningDataModule):
     """``num_envs`` envs stepped by the policy; training episode ``k`` starts from seed ``seed + k`` (keep the
     range apart from the rollout callback's evaluation seeds)."""
@@ -66,7 +90,7 @@ class OnlineDataModule(L.LightningDataModule):
                  history: int = 2, horizon: int = 1, stats_window: int = 100, name: str | None = None,
                  path: str | None = None, num_demos: int | None = None, num_workers: int = 0,
                  replay_size: int = 50_000, env_processes: bool = True, goals: dict[str, Any] | None = None,
-                 intrinsic: dict[str, Any] | None = None) -> None:
+                 intrinsic: dict[str, Any] | None = None, terminate_on_success: bool | None = None) -> None:
         """``name``, ``path``, ``num_demos``, ``num_workers``: the offline data fields, unused by on-policy
         training (accepted so that ``debug=fast`` and experiment configs compose with ``data=online``).
         Off-policy training (``policy=iql_online``) seeds its replay buffer with the first ``num_demos``
@@ -75,7 +99,8 @@ class OnlineDataModule(L.LightningDataModule):
         simulators cheaper than an inter-process round trip per step, e.g. grid worlds without rendering).
         ``goals``: ELLM's goal reward (the ``goals=`` config: a suggester plus the reward rule's fields),
         ``intrinsic``: a novelty reward (``intrinsic=rnd``); both added to the env's reward
-        (``toolkit.exploration.terms``)."""
+        (``toolkit.exploration.terms``). ``terminate_on_success``: whether the training episodes end at success
+        (``training_env``); evaluation rollouts keep the env config's setting."""
         super().__init__()
         self.env_cfg, self.num_envs, self.seed, self.batch_size = env, num_envs, seed, batch_size
         self.path, self.num_demos, self.replay_size = path, num_demos, replay_size
@@ -83,7 +108,8 @@ class OnlineDataModule(L.LightningDataModule):
         from toolkit.exploration.terms import build_reward_terms
 
         self.reward_terms = build_reward_terms(goals, intrinsic, num_envs)
-        self.stepper = EnvStepper(env, num_envs, seed, stats_window, processes=env_processes,
+        self.stepper = EnvStepper(training_env(env, terminate_on_success), num_envs, seed, stats_window,
+                                  processes=env_processes,
                                   reward_terms=self.reward_terms)
         self.shape_meta, self.stats = self._from_env()
         self.language = None  # set by train.py when the env gives instructions

@@ -37,6 +37,7 @@ Design choices:
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import torch
@@ -44,6 +45,8 @@ from torch import nn
 
 from toolkit.policies.base import PolicyModule
 from toolkit.policies.trunk import make_trunk
+
+log = logging.getLogger(__name__)
 
 
 def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
@@ -110,6 +113,7 @@ class IQLPolicy(PolicyModule):
         num_heads: int = 4,
         dropout: float = 0.0,
         hidden_dim: int = 256,
+        max_grad_norm: float | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -128,6 +132,10 @@ class IQLPolicy(PolicyModule):
         self.gamma, self.tau = gamma, tau
         self.actor_head, self.discrete = actor_head, action_type == "discrete"
         self.encoder_updated_by, self.actor_cosine_steps = encoder_updated_by, actor_cosine_steps
+        if max_grad_norm is not None and max_grad_norm <= 0:
+            raise ValueError(f"policy.max_grad_norm={max_grad_norm}: a positive norm, or null (no clipping)")
+        self.max_grad_norm = max_grad_norm
+        self._told_about_trainer_clipping = False
 
         self.trunk = make_trunk(trunk, len(self.rgb_keys) * self.encoder.num_tokens, self.encoder.out_dim,
                                 self.state_dim, self.history, d_model, num_layers, num_heads, dropout, lang_dim)
@@ -232,15 +240,18 @@ class IQLPolicy(PolicyModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """The trainer's ``gradient_clip_val`` applied to critic and actor separately (as two optimizers
-        would), so a large critic gradient does not shrink the actor's step."""
-        if not gradient_clip_val:
+        """No clipping by default, as the IQL references (the paper's JAX code, CORL): ``policy.max_grad_norm``
+        clips the critic's and the actor's gradients each to that norm (as two optimizers would, so a large Q
+        gradient never shrinks V's or the actor's step). The trainer's ``gradient_clip_val``, which would clip
+        every network together, is not used."""
+        if gradient_clip_val and not self._told_about_trainer_clipping:
+            self._told_about_trainer_clipping = True
+            log.info(f"IQL does not use trainer.gradient_clip_val={gradient_clip_val} (it would clip V, both Qs and "
+                     f"the actor together); policy.max_grad_norm={self.max_grad_norm} clips each network's gradient")
+        if self.max_grad_norm is None:
             return
         for group in optimizer.param_groups:
-            if gradient_clip_algorithm == "value":
-                nn.utils.clip_grad_value_(group["params"], gradient_clip_val)
-            else:
-                nn.utils.clip_grad_norm_(group["params"], gradient_clip_val)
+            nn.utils.clip_grad_norm_(group["params"], self.max_grad_norm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
