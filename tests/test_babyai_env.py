@@ -254,3 +254,48 @@ def test_action_noise_with_discrete_actions_is_refused(tmp_path):
     with pytest.raises(ToolkitError, match="collect.action_noise"):
         collect(ENV_CFG, tmp_path / "noise.hdf5", num_episodes=1, num_envs=1, action_noise=0.1, progress=False)
     assert not (tmp_path / "noise.hdf5").exists()
+
+
+def test_symbolic_view_reaches_the_policy_as_state_and_names_its_own_file():
+    """env.symbolic=true: the one-hot grid is part of ``state`` (what every policy's state token reads), it
+    decodes back to minigrid's grid, and the dataset file name follows the setting (a symbolic run never reuses
+    a file collected without the grid)."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+    from toolkit.envs.babyai import SYMBOLIC_DIM, symbolic_one_hot
+
+    env = BabyAIEnv("BabyAI-GoToLocal-v0", image_size=16, symbolic=True)
+    obs, _ = env.reset(seed=0)
+    assert obs["state"].shape == (4 + SYMBOLIC_DIM,) and env.observation_space.contains(obs)
+    np.testing.assert_array_equal(obs["state"][4:], symbolic_one_hot(obs["grid"]))
+    cells = obs["state"][4:].reshape(7, 7, -1)
+    assert (cells.sum(-1) == 3).all()  # one object, one colour, one state per cell
+    decoded = np.stack([cells[..., :11].argmax(-1), cells[..., 11:17].argmax(-1), cells[..., 17:].argmax(-1)], -1)
+    np.testing.assert_array_equal(decoded, obs["grid"])
+    plain = BabyAIEnv("BabyAI-GoToLocal-v0", image_size=16).reset(seed=0)[0]["state"]
+    np.testing.assert_array_equal(obs["state"][:4], plain)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        names = [compose("train", overrides=["env=babyai", f"env.symbolic={s}"]).dataset_name for s in (False, True)]
+    assert names == ["babyai_GoToLocal_64px", "babyai_GoToLocal_64px_symbolic"]  # data.path = <data_dir>/<name>.hdf5
+
+
+def test_a_symbolic_file_trains_policies_on_the_grid(tmp_path):
+    """Collected with env.symbolic=true, the file's state and the datamodule's batches carry the one-hot grid."""
+    from toolkit.collect import collect
+    from toolkit.datamodules.episode_datamodule import EpisodeDataModule
+    from toolkit.envs.babyai import SYMBOLIC_DIM, symbolic_one_hot
+
+    env_cfg = {"_target_": "toolkit.envs.babyai.BabyAIEnv", "level": "GoToRedBall", "image_size": 16, "symbolic": True}
+    path = tmp_path / "symbolic.hdf5"
+    collect(env_cfg, path, num_episodes=3, num_envs=1, progress=False)
+    dm = EpisodeDataModule(str(path), history=1, horizon=1, batch_size=4)
+    dm.setup("fit")
+    assert dm.shape_meta["state_dim"] == 4 + SYMBOLIC_DIM
+    batch = next(iter(dm.train_dataloader()))
+    cells = batch["obs"]["state"][..., 4:].reshape(-1, 49, SYMBOLIC_DIM // 49)
+    assert (cells.sum(-1) == 3).all()  # every cell of every window: object, colour and state one-hot
+    with h5py.File(path) as f:  # and it is the grid the env saw, step by step
+        demo = f["data"]["demo_0"]
+        np.testing.assert_array_equal(demo["obs"]["state"][:, 4:],
+                                      np.stack([symbolic_one_hot(g) for g in demo["obs"]["grid"][:]]))

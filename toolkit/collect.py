@@ -199,6 +199,10 @@ def collect_from_config(cfg: Any) -> int:
 def _main() -> None:
     import hydra
 
+    from toolkit.config import register_resolvers
+
+    register_resolvers()  # the env configs name their files with ${suffix_if:...}
+
     @hydra.main(version_base="1.3", config_path="../conf", config_name="collect")
     def main(cfg) -> None:
         from toolkit.envs.vector import check_env

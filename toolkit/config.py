@@ -102,3 +102,5 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("source_name"):
         OmegaConf.register_new_resolver("source_name", source_name)
+    if not OmegaConf.has_resolver("suffix_if"):  # ${suffix_if:${env.symbolic},_symbolic}: "_symbolic" or ""
+        OmegaConf.register_new_resolver("suffix_if", lambda flag, suffix: str(suffix) if flag else "")

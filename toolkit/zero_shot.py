@@ -55,16 +55,13 @@ def evaluate(checkpoint: str | Path, episodes: int = 20, seed: int = 3_000_000, 
     """Success rate per (category, number of clauses): rows ``{category, clauses, episodes, success_rate}``.
     ``trust_pickled_code``: see load_policy (also lifts the check of the env class the checkpoint names)."""
     from toolkit.envs.rollout import run_rollouts
-    from toolkit.envs.vector import make_env, make_vector_env
-    from toolkit.policies.base import check_checkpoint_targets, load_policy
+    from toolkit.envs.vector import make_env
+    from toolkit.eval import load_for_eval, vector_envs
 
-    policy = load_policy(checkpoint, trust_pickled_code=trust_pickled_code)
-    if not trust_pickled_code:
-        check_checkpoint_targets(policy.toolkit_cfg.get("env"), "toolkit_cfg.env", checkpoint)
+    policy, env_cfg = load_for_eval(checkpoint, trust_pickled_code=trust_pickled_code)  # shared with toolkit.eval
     trained = policy.trained_instructions
     if not policy.language_conditioned or not trained:
         raise ToolkitError(f"{checkpoint}: not a language-conditioned policy trained on episodes with instructions")
-    env_cfg = policy.toolkit_cfg["env"]
     probe = make_env(env_cfg)
     try:
         probe.reset(seed=seed)
@@ -74,8 +71,7 @@ def evaluate(checkpoint: str | Path, episodes: int = 20, seed: int = 3_000_000, 
     finally:
         probe.close()
     rows = []
-    envs = make_vector_env(env_cfg, num_envs)
-    try:
+    with vector_envs(env_cfg, num_envs) as envs:
         for category in CATEGORIES:
             for (cat, n), seeds in sorted(groups.items()):
                 if cat != category:
@@ -83,8 +79,6 @@ def evaluate(checkpoint: str | Path, episodes: int = 20, seed: int = 3_000_000, 
                 res = run_rollouts(policy, envs, len(seeds), seeds)
                 rows.append({"category": category, "clauses": n, "episodes": len(seeds),
                              "success_rate": float(res["success"].mean())})
-    finally:
-        envs.close()
     return rows
 
 

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from toolkit.encoders.base import Encoder
+from toolkit.encoders.download import HubSource, UrlSource, openai_clip_source
 from toolkit.encoders.weights import load_strict, read_checkpoint, resolve_weights
 from toolkit.errors import ToolkitError
 
@@ -101,6 +102,28 @@ def weight_patterns(variant: str) -> list[str]:
             names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
             patterns += [f"{repo}/snapshots/*/{name}" for name in names]
     return patterns or [f"{variant}.pt"]
+
+
+def weight_source(variant: str) -> UrlSource | HubSource | None:
+    """Where ``auto`` downloads the variant's weights from, in open_clip's registry of published checkpoints: OpenAI's
+    own ``<variant>.pt`` (``https://openaipublic.azureedge.net/clip/models/<sha256>/<variant>.pt``, SHA-256 checked)
+    into ``~/.cache/clip`` where OpenAI publishes the variant; else the first Hugging Face hub repository open_clip
+    lists for it (``open_clip_model.safetensors``, else ``open_clip_pytorch_model.bin``) into the HF hub cache; else
+    the first URL listed (e.g. open_clip's GitHub releases, torch.hub's hash suffix checked)."""
+    published = _published(variant)
+    for cfg in published:
+        if cfg.get("url", "").startswith("https://openaipublic.azureedge.net/"):
+            return openai_clip_source(cfg["url"])
+    for cfg in published:
+        if cfg.get("hf_hub"):
+            repo = cfg["hf_hub"].strip("/").split("/")
+            filename = repo[2] if len(repo) > 2 and repo[2] else None
+            names = (filename,) if filename else ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+            return HubSource("/".join(repo[:2]), names)
+    for cfg in published:
+        if cfg.get("url"):
+            return UrlSource(cfg["url"], os.path.basename(cfg["url"]), cache="clip")
+    return None
 
 
 def _registry_entry(path: Path, variant: str) -> dict[str, Any] | None:
@@ -168,7 +191,7 @@ def load_clip_checkpoint(variant: str, weights: str | os.PathLike | None, quick_
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     cfg = model_config(variant)
-    path = resolve_weights(weights, weight_patterns(variant), f"CLIP {variant}", PUBLISHED)
+    path = resolve_weights(weights, weight_patterns(variant), f"CLIP {variant}", PUBLISHED, source=weight_source(variant))
     mean, std = tuple(OPENAI_DATASET_MEAN), tuple(OPENAI_DATASET_STD)
     if path is None:
         source = "the quick_gelu argument" if quick_gelu is not None else f"open_clip's config for {variant}"

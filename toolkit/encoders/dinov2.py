@@ -24,6 +24,7 @@ from torch import nn
 
 from toolkit.encoders.base import IMAGENET_MEAN, IMAGENET_STD
 from toolkit.encoders.vit_common import TimmViTEncoder, check_choice
+from toolkit.encoders.download import UrlSource
 from toolkit.encoders.weights import resolve_weights
 
 # variant -> timm size name
@@ -44,6 +45,14 @@ def timm_name(variant: str) -> str:
 def official_file(variant: str) -> str:
     base, reg = variant.removesuffix("_reg"), variant.endswith("_reg")
     return f"dinov2_{base}{'_reg4' if reg else ''}_pretrain.pth"
+
+
+def weight_source(variant: str) -> UrlSource:
+    """Where ``auto`` downloads the official file (FAIR's torch.hub URL, as in ``dinov2/hub/backbones.py``) to:
+    torch hub's checkpoints dir. FAIR publishes no checksum."""
+    base = variant.removesuffix("_reg")
+    file = official_file(variant)
+    return UrlSource(f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{base}/{file}", file)
 
 
 def convert_checkpoint(state: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -79,14 +88,14 @@ class DINOv2Encoder(TimmViTEncoder):
     ) -> None:
         check_choice("variant", variant, VARIANTS)
         name, file = timm_name(variant), official_file(variant)
-        base = variant.removesuffix("_reg")
         path = resolve_weights(
             weights,
             patterns=(file, f"models--timm--{name}.lvd142m/snapshots/*/model.safetensors",
                       f"models--timm--{name}.lvd142m/snapshots/*/pytorch_model.bin"),
             what=f"DINOv2 {variant}",
-            published=f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{base}/{file} (https://github.com/facebookresearch/dinov2), "
+            published=f"{weight_source(variant).url} (https://github.com/facebookresearch/dinov2), "
                       f"or as safetensors at https://huggingface.co/timm/{name}.lvd142m",
+            source=weight_source(variant),
         )
         super().__init__(name, variant, path, freeze=freeze, image_size=image_size, pool=pool,
                          train_last_blocks=train_last_blocks, mean=IMAGENET_MEAN, std=IMAGENET_STD,

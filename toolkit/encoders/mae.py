@@ -12,10 +12,18 @@ from torch import nn
 
 from toolkit.encoders.base import IMAGENET_MEAN, IMAGENET_STD
 from toolkit.encoders.vit_common import TimmViTEncoder, check_choice
+from toolkit.encoders.download import UrlSource
 from toolkit.encoders.weights import resolve_weights
 
 _SIZES = {"vitb16": "base", "vitl16": "large"}
 VARIANTS = tuple(_SIZES)
+
+
+def weight_source(variant: str) -> UrlSource:
+    """Where ``auto`` downloads the official pretrain checkpoint from (github.com/facebookresearch/mae's README) to:
+    torch hub's checkpoints dir. FAIR publishes no checksum."""
+    file = f"mae_pretrain_vit_{_SIZES[variant]}.pth"
+    return UrlSource(f"https://dl.fbaipublicfiles.com/mae/pretrain/{file}", file)
 
 
 def _convert(state: Mapping[str, Any], model: nn.Module) -> Mapping[str, torch.Tensor]:
@@ -48,8 +56,9 @@ class MAEEncoder(TimmViTEncoder):
             patterns=(file, f"models--timm--{name}.mae/snapshots/*/model.safetensors",
                       f"models--timm--{name}.mae/snapshots/*/pytorch_model.bin"),
             what=f"MAE {variant}",
-            published=f"https://dl.fbaipublicfiles.com/mae/pretrain/{file} (https://github.com/facebookresearch/mae), "
+            published=f"{weight_source(variant).url} (https://github.com/facebookresearch/mae), "
                       f"or as safetensors at https://huggingface.co/timm/{name}.mae",
+            source=weight_source(variant),
         )
         super().__init__(name, variant, path, freeze=freeze, image_size=image_size, pool=pool,
                          train_last_blocks=train_last_blocks, mean=IMAGENET_MEAN, std=IMAGENET_STD, convert=_convert)

@@ -4,7 +4,9 @@ Weights (``encoder.weights``): ``null`` = random init, a file, or ``auto``. The 
 ``model.pt`` (https://github.com/facebookresearch/r3m; ``r3m.load_r3m`` keeps it at ``~/.r3m/r3m_<18|34|50>/model.pt``):
 ``{'r3m': {'module.convnet.conv1.weight', ..., 'module.lang_enc...', 'module.lang_rew...'}}``. The keys under
 ``module.convnet.`` are a torchvision ResNet without ``fc``; the language heads are ignored. ``auto`` looks for
-``r3m_<n>/model.pt`` in R3M's own ``~/.r3m`` and the usual caches (``~/.cache/r3m`` included).
+``r3m_<n>/model.pt`` in R3M's own ``~/.r3m`` and the usual caches (``~/.cache/r3m`` included); when it is in none
+and the machine is online, it downloads R3M's Google Drive file into torch hub's checkpoints dir
+(``~/.cache/torch/hub/checkpoints/r3m_<n>/model.pt``, see ``toolkit.encoders.download``).
 """
 
 from __future__ import annotations
@@ -16,12 +18,27 @@ import torchvision
 from torch import nn
 
 from toolkit.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder
+from toolkit.encoders.download import UrlSource
 from toolkit.encoders.weights import load_strict, read_checkpoint, resolve_weights
 from toolkit.errors import ToolkitError
 
 VARIANTS = {"resnet18": (18, 512), "resnet34": (34, 512), "resnet50": (50, 2048)}
 PUBLISHED = ("https://github.com/facebookresearch/r3m (Google Drive links in r3m/__init__.py; "
              "r3m.load_r3m saves it as ~/.r3m/r3m_<18|34|50>/model.pt)")
+
+
+# Google Drive file ids of model.pt, from r3m/__init__.py (load_r3m's ``modelurl = 'https://drive.google.com/uc?id=...'``)
+DRIVE_IDS = {"resnet18": "1A1ic-p4KtYlKXdXHcV2QV0cUzI4kn0u-", "resnet34": "15bXD3QRhspIRacOKyWPw5y2HpoWUCEnE",
+             "resnet50": "1Xu0ssuG0N1zjZS54wmWzJ7-nb0-7XzbA"}
+
+
+def weight_source(variant: str) -> UrlSource:
+    """Where ``auto`` downloads R3M's ``model.pt`` from: its Google Drive file (the direct-download form of the
+    ``drive.google.com/uc?id=`` link, which skips Drive's confirmation page for large files), into torch hub's
+    checkpoints dir as ``r3m_<n>/model.pt``. No checksum is published; an HTML page instead of the file is refused."""
+    n = VARIANTS[variant][0]
+    return UrlSource(f"https://drive.usercontent.google.com/download?id={DRIVE_IDS[variant]}&export=download&confirm=t",
+                     f"r3m_{n}/model.pt", mirror_path=f"r3m/r3m_{n}/model.pt")
 
 
 def weight_patterns(variant: str) -> list[str]:
@@ -43,7 +60,9 @@ class R3MEncoder(Encoder):
     ) -> None:
         if variant not in VARIANTS:
             raise ToolkitError(f"R3M variant {variant!r}: expected one of {', '.join(VARIANTS)}")
-        path = resolve_weights(weights, weight_patterns(variant), f"R3M {variant}", PUBLISHED)
+        path = resolve_weights(weights, weight_patterns(variant), f"R3M {variant}",
+                               f"https://drive.google.com/uc?id={DRIVE_IDS[variant]} ({PUBLISHED})",
+                               source=weight_source(variant))
         super().__init__(freeze, image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                          train_last_blocks=train_last_blocks)
         self.variant = variant

@@ -1,9 +1,11 @@
 """Finding and loading pretrained weights, offline, in their official formats.
 
 ``encoder.weights``: ``null`` = random init; a file path; or ``auto`` = look for the official file
-name in the usual caches (torch hub's checkpoints dir, the Hugging Face hub cache, open_clip's cache).
-Nothing is ever downloaded: a missing file is one clear error naming the file, where to put it and
-where it is published.
+name in the usual caches (torch hub's checkpoints dir, the Hugging Face hub cache, OpenAI CLIP's / open_clip's
+cache, R3M's), and if it is not there download it from its official location into the standard cache
+(``toolkit.encoders.download``: progress bar, checksum where the publisher gives one, atomic rename), unless
+``HF_HUB_OFFLINE`` or ``TOOLKIT_OFFLINE`` is set: then a missing file is one clear error naming the file, where to
+put it and the URL to fetch it from.
 
 Nothing in a weights file runs when it is read (``read_checkpoint``, ``load_pickled``): pickles are loaded with
 ``torch.load(weights_only=True)`` plus SAFE_GLOBALS, TorchScript archives are read without TorchScript, and a file
@@ -32,20 +34,67 @@ from toolkit.errors import ToolkitError
 
 log = logging.getLogger(__name__)
 
+def _xdg_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+
+
+def torch_hub_checkpoints() -> Path:
+    """torch hub's checkpoints dir, as ``torch.hub.get_dir()`` computes it: ``$TORCH_HOME/hub/checkpoints``, by
+    default ``$XDG_CACHE_HOME/torch/hub/checkpoints`` (``~/.cache/torch/hub/checkpoints``)."""
+    return Path(os.environ.get("TORCH_HOME") or _xdg_cache() / "torch").expanduser() / "hub" / "checkpoints"
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME") or _xdg_cache() / "huggingface").expanduser() / "hub"
+
+
+def clip_cache() -> Path:
+    """Where OpenAI CLIP's ``<variant>.pt`` is downloaded: ``$XDG_CACHE_HOME/clip`` (``~/.cache/clip``, where
+    openai/CLIP's ``clip.load`` and open_clip put it)."""
+    return _xdg_cache() / "clip"
+
+
 def cache_dirs() -> list[Path]:
-    """Where ``auto`` looks: torch hub checkpoints, the HF hub cache, OpenAI CLIP's / open_clip's cache, and R3M's
-    (``~/.r3m``, where ``r3m.load_r3m`` puts ``r3m_50/model.pt``; ``~/.cache/r3m`` too)."""
-    hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
-    hf = Path(os.environ.get("HF_HUB_CACHE", Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"))
-    return [hub, hf, Path.home() / ".cache" / "clip", Path.home() / ".cache" / "r3m", Path.home() / ".r3m"]
+    """Where ``auto`` looks: torch hub checkpoints, the HF hub cache, OpenAI CLIP's / open_clip's cache (also
+    ``~/.cache/clip`` when ``XDG_CACHE_HOME`` points elsewhere: ``clip.load`` always uses it), and R3M's (``~/.r3m``,
+    where ``r3m.load_r3m`` puts ``r3m_50/model.pt``; ``~/.cache/r3m`` too)."""
+    home_cache = Path.home() / ".cache"
+    dirs = [torch_hub_checkpoints(), hf_hub_cache(), clip_cache(), home_cache / "clip", _xdg_cache() / "r3m",
+            home_cache / "r3m", Path.home() / ".r3m"]
+    return list(dict.fromkeys(dirs))  # without duplicates, in order
 
 
-def resolve_weights(weights: str | os.PathLike | None, patterns: Sequence[str], what: str, published: str) -> Path | None:
+def source_dir(source: Any) -> Path:
+    """The standard cache a download from ``source`` (a ``download.UrlSource`` or ``HubSource``) goes to."""
+    from toolkit.encoders.download import HubSource
+
+    if isinstance(source, HubSource):
+        return hf_hub_cache()
+    return {"torch_hub": torch_hub_checkpoints(), "clip": clip_cache()}[source.cache]
+
+
+def find_cached(patterns: Sequence[str]) -> Path | None:
+    """The first file matching one of ``patterns`` in ``cache_dirs()`` (the latest snapshot among several)."""
+    for root in cache_dirs():
+        for pattern in patterns:
+            found = sorted(p for p in root.glob(pattern) if p.is_file())
+            if found:
+                return found[-1]
+    return None
+
+
+def resolve_weights(weights: str | os.PathLike | None, patterns: Sequence[str], what: str, published: str,
+                    source: Any = None) -> Path | None:
     """The weights file to load, or None for random init.
 
     ``patterns``: official file names (glob patterns, relative to a cache dir, e.g.
     ``dinov2_vits14_pretrain.pth`` or ``models--timm--vit_small_patch14_dinov2.lvd142m/snapshots/*/model.safetensors``).
     ``what``: e.g. ``"DINOv2 ViT-S/14"``; ``published``: where to get the file.
+    ``source``: where ``auto`` downloads the file from when no cache has it (``download.UrlSource`` /
+    ``HubSource``; its destination must match one of ``patterns``); None: ``auto`` never downloads.
     """
     if weights is None or str(weights).lower() in ("null", "none", "random"):
         return None
@@ -55,14 +104,32 @@ def resolve_weights(weights: str | os.PathLike | None, patterns: Sequence[str], 
             raise ToolkitError(f"encoder.weights={weights}: no such file. Expected the official {what} "
                                f"checkpoint ({patterns[0]}), published at {published}")
         return path
-    for root in cache_dirs():
-        for pattern in patterns:
-            found = sorted(root.glob(pattern))
-            if found:
-                return found[-1]
-    raise ToolkitError(f"encoder.weights=auto: the {what} checkpoint is not on this machine (nothing is downloaded). "
-                       f"Put {patterns[0]} into {cache_dirs()[0]} (or pass encoder.weights=/path/to/file); "
-                       f"it is published at {published}")
+    found = find_cached(patterns)
+    if found is not None:
+        return found
+    if source is None:
+        raise ToolkitError(f"encoder.weights=auto: the {what} checkpoint is not on this machine (it has no download "
+                           f"source here). Put {patterns[0]} into {cache_dirs()[0]} (or pass "
+                           f"encoder.weights=/path/to/file); it is published at {published}")
+    from toolkit.encoders import download
+
+    target = source_dir(source)
+    url = source.fetch_url()
+    offline = download.offline_reason()
+    if isinstance(source, download.HubSource):
+        if offline:
+            raise ToolkitError(f"encoder.weights=auto: the {what} checkpoint is not on this machine and downloads are "
+                               f"off ({offline}; unset it to let auto download it). Fetch {url} by hand (e.g. "
+                               f"`hf download {source.repo_id} {source.filenames[0]}` online, into the Hugging Face "
+                               f"cache {target}), or pass encoder.weights=/path/to/file; it is published at {published}")
+        return download.download_hub(source, target, what=f"the {what} checkpoint")
+    dest = target / source.dest
+    if offline:
+        raise ToolkitError(f"encoder.weights=auto: the {what} checkpoint is not on this machine and downloads are off "
+                           f"({offline}; unset it to let auto download it). Fetch {url} by hand and save it as {dest} "
+                           f"(or pass encoder.weights=/path/to/file); it is published at {published}")
+    return download.download_url(url, dest, sha256=source.sha256, hash_prefix=source.hash_prefix,
+                                 what=f"the {what} checkpoint")
 
 
 # --- reading checkpoints without running code from them -------------------------------------------------------

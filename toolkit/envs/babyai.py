@@ -53,6 +53,25 @@ def _leaves(instr, flag=None) -> list[tuple[Any, Any]]:
     return [(instr, flag)]
 
 
+def _symbolic_sizes() -> tuple[int, int, int]:
+    from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX, STATE_TO_IDX
+
+    return len(OBJECT_TO_IDX), len(COLOR_TO_IDX), len(STATE_TO_IDX)
+
+
+VIEW = 7  # minigrid's egocentric view: 7x7 cells
+SYMBOLIC_DIM = VIEW * VIEW * sum(_symbolic_sizes())  # 7 x 7 x (11 objects + 6 colours + 3 door states) = 980
+
+
+def symbolic_one_hot(grid: np.ndarray) -> np.ndarray:
+    """minigrid's symbolic view ``[7, 7, 3]`` (object, colour, state indices) as one float32 vector of one-hots,
+    cell by cell (each cell: object one-hot, colour one-hot, state one-hot). A linear layer on it is a learned
+    embedding per cell and value summed over the view: BabyAI's bag-of-words input, with positions."""
+    sizes = _symbolic_sizes()
+    parts = [np.eye(n, dtype=np.float32)[np.asarray(grid[..., c], np.int64)] for c, n in enumerate(sizes)]
+    return np.concatenate(parts, axis=-1).reshape(-1)
+
+
 @contextlib.contextmanager
 def _quiet_level_generation():
     """Level generation prints one "Sampling rejected: ..." line per rejected layout; drop those and
@@ -71,8 +90,9 @@ class BabyAIEnv(RobotEnv):
     """A BabyAI level with the full grid rendered from above.
 
     Observation: ``rgb_top`` (image_size x image_size x 3 uint8, the whole grid), ``state`` = one-hot of
-    the agent's direction (4, float32) and, with ``symbolic``, ``grid`` = minigrid's 7x7x3 egocentric
-    symbolic view (uint8). The instruction is ``instruction()`` (the mission string), not an obs key:
+    the agent's direction (4, float32); with ``symbolic`` also minigrid's 7x7x3 egocentric symbolic view,
+    as ``grid`` (uint8, as minigrid gives it) and one-hot in ``state`` (``symbolic_one_hot``: every cell's
+    object, colour and door state, 980 more entries), so every policy sees it through its state token. The instruction is ``instruction()`` (the mission string), not an obs key:
     vector envs batch only arrays.
 
     Actions: ``Discrete(7)`` (left, right, forward, pickup, drop, toggle, done). ``step`` takes an int,
@@ -113,7 +133,7 @@ class BabyAIEnv(RobotEnv):
         self.action_space = gym.spaces.Discrete(self._env.action_space.n)
         spaces = {
             f"rgb_{CAMERA}": gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8),
-            "state": gym.spaces.Box(0.0, 1.0, (4,), np.float32),
+            "state": gym.spaces.Box(0.0, 1.0, (4 + (SYMBOLIC_DIM if symbolic else 0),), np.float32),
         }
         if symbolic:
             view = self._env.observation_space["image"]
@@ -137,6 +157,7 @@ class BabyAIEnv(RobotEnv):
         obs = {f"rgb_{CAMERA}": self._render(), "state": state}
         if self.symbolic:
             obs["grid"] = np.asarray(self._raw_obs["image"], dtype=np.uint8)
+            obs["state"] = np.concatenate([state, symbolic_one_hot(obs["grid"])])
         return obs
 
     def _action_index(self, action: Any) -> int:
