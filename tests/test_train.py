@@ -49,6 +49,25 @@ def test_train_collects_trains_and_evaluates(debug_run):
     assert "run summary" in proc.stdout and "rollout success rate" in proc.stdout
 
 
+def test_the_console_prints_each_line_once_without_tips_and_counts_steps(debug_run):
+    """The captured console of ``train.py debug=fast``: every log line once (Lightning's lines went through both
+    its own handler and Hydra's), no advertising tip, no unactionable library warning, and a progress bar of
+    steps out of trainer.max_steps instead of "Epoch 0/-2"."""
+    import re
+    from collections import Counter
+
+    _, proc = debug_run
+    console = proc.stdout + proc.stderr
+    messages = [re.sub(r"^(\[[^]]*\]){3} - |^INFO: ", "", line).strip() for line in console.splitlines()]
+    messages = [m for m in messages if m and not set(m) <= set("━─│┃┏┓┗┛┡┩└┘┌┐┳┻╇┬┴ ")
+                and "━" not in m and "│" not in m and "┃" not in m]
+    repeated = {m: n for m, n in Counter(messages).items() if n > 1}
+    assert not repeated, repeated
+    assert "Seed set to 0" in console and "GPU available" in console  # Lightning's lines are still there, once
+    assert "Tip" not in console and "LeafSpec" not in console
+    assert "/-2" not in console and "step 4/4" in console
+
+
 def test_checkpoint_acts_without_the_dataset(debug_run, tmp_path):
     from toolkit.policies.base import load_policy
 

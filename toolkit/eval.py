@@ -245,7 +245,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, episodes: i
     rows = episode_rows(res, seeds)
     write_episodes(out_dir, rows)
     summary = {"checkpoint": str(checkpoint), "policy": (policy.toolkit_cfg or {}).get("policy", {}).get("_target_"),
-               "env": env_cfg, "env_overrides": env_overrides or {}, "seeds": [seed, seed + episodes],
+               "env": env_cfg, "env_overrides": env_overrides or {}, "first_seed": seed, "last_seed": seed + episodes - 1,
                **summarize(rows, res), "wall_time_s": time.perf_counter() - start, "video": None,
                "out_dir": str(out_dir)}
     if video and res["frames"]:
@@ -345,7 +345,7 @@ def summary_dir(targets: list[Target], dirs: list[Path], out: Path | None, paths
 
 def summary_row(target: Target, s: dict[str, Any]) -> dict[str, Any]:
     row = {"run": target.name, "overrides": " ".join(target.overrides), "checkpoint": str(target.checkpoint),
-           "episodes": s["episodes"], "seed_start": s["seeds"][0], "success_rate": s["success_rate"],
+           "episodes": s["episodes"], "first_seed": s["first_seed"], "last_seed": s["last_seed"], "success_rate": s["success_rate"],
            "success_ci95_low": s["success_ci95"][0], "success_ci95_high": s["success_ci95"][1],
            "mean_return": s["mean_return"], "mean_length": s["mean_length"], "env_steps_per_s": s["env_steps_per_s"]}
     if "crafter_score" in s:
@@ -354,18 +354,30 @@ def summary_row(target: Target, s: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
+    """One row per run; what every row shares (checkpoint name, episodes, seeds) goes into the title."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="evaluation")
+    names = {Path(r["checkpoint"]).name for r in rows}
+    episodes = {(r["episodes"], r["first_seed"]) for r in rows}
+    title = "evaluation" + (f" of {names.pop()}" if len(names) == 1 else "")
+    if len(episodes) == 1:
+        n, first = episodes.pop()
+        title += f", {n} episodes from seed {first:,}"
     crafter = any("crafter_score" in r for r in rows)
-    overrides = any(r["overrides"] for r in rows)
-    columns = ["run", *(["overrides"] if overrides else []), "checkpoint", "episodes", "success (95% CI)",
-               "mean return", "mean length", "env steps/s", *(["Crafter score (%)"] if crafter else [])]
-    for c in columns:
-        table.add_column(c, overflow="fold")
-    for r in rows:
-        cells = [r["run"], *([r["overrides"]] if overrides else []), Path(r["checkpoint"]).name, str(r["episodes"]),
+    # the overrides all runs share (debug=fast, paths...) say nothing about a row: only those that differ
+    split = [r["overrides"].split() for r in rows]
+    shared = set.intersection(*map(set, split)) if split else set()
+    differing = [" ".join(o for o in s if o not in shared) for s in split]
+    overrides = len(rows) > 1 and any(differing)
+    table = Table(title=title)
+    columns = ["run", *(["overrides"] if overrides else []), "success [95% CI]", "return", "length", "steps/s",
+               *(["Crafter score"] if crafter else [])]
+    for c in columns:  # names and overrides wrap; the numbers keep their width
+        table.add_column(c, overflow="fold", no_wrap=c not in ("run", "overrides"))
+    for r, diff in zip(rows, differing):
+        run = r["run"] if len(names) <= 1 else f"{r['run']} ({Path(r['checkpoint']).name})"
+        cells = [run, *([diff] if overrides else []),
                  f"{r['success_rate']:.0%} [{r['success_ci95_low']:.0%}, {r['success_ci95_high']:.0%}]",
                  f"{r['mean_return']:.2f}", f"{r['mean_length']:.1f}", f"{r['env_steps_per_s']:.0f}",
                  *([f"{r['crafter_score']:.2f}" if "crafter_score" in r else "-"] if crafter else [])]

@@ -88,6 +88,9 @@ def train(cfg: DictConfig) -> dict:
     from toolkit.encoders.weights import load_pickled, set_trust_pickled_code, trust_pickled_code
     from toolkit.envs.vector import check_env
 
+    from toolkit.console import quiet_console
+
+    quiet_console()  # Hydra has configured logging: each Lightning line once, no tips, no unactionable warnings
     start = time.perf_counter()
     for group in ("env", "data", "encoder", "policy", "trainer"):
         check_types(cfg[group], group)

@@ -12,16 +12,15 @@ from typing import Any
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
-import warnings
 
 import gymnasium as gym
 import numpy as np
 
+from toolkit.console import filter_unactionable_warnings
 from toolkit.envs.base import RobotEnv
 from toolkit.errors import ToolkitError
 
-# The scripted experts warn on every construction that their gains saturate; that is by design.
-warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high")
+filter_unactionable_warnings()  # in simulator processes too (the scripted experts' gain warnings)
 logging.getLogger("OpenGL").setLevel(logging.WARNING)  # "No OpenGL_accelerate module loaded"
 
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
