@@ -91,3 +91,32 @@ def test_unreachable_model_server_fails_at_start_up(tmp_path):
 def test_goals_need_online_training(tmp_path, tiny_file):
     proc = run_train(f"data.path={tiny_file}", "goals=oracle", root=tmp_path, check=False)
     assert proc.returncode != 0 and "need online training" in proc.stderr + proc.stdout
+
+
+def test_reward_terms_are_checkpointed_with_the_stepper():
+    """A resumed run continues the goal counters and RND's predictor and statistics; a run resumed with other
+    goals=/intrinsic= settings is refused."""
+    import torch
+
+    from toolkit.errors import ToolkitError
+    from toolkit.exploration.rnd import RND
+    from toolkit.exploration.terms import RNDReward
+
+    def stepper() -> EnvStepper:
+        terms = [GoalReward(OracleGoals(), num_envs=1), RNDReward(RND(obs_shape=(3, 40, 40), out_dim=16))]
+        return EnvStepper({**SMALL_CRAFTER, "image_size": 40}, num_envs=1, seed=1, processes=False, reward_terms=terms)
+
+    first = stepper()
+    for _ in range(6):
+        first.step(lambda obs, fresh: np.array([ACTION["do"]]))
+    state = first.state_dict()
+    second = stepper()
+    second.load_state_dict(state)
+    assert second.reward_terms[0].metrics() == first.reward_terms[0].metrics()
+    frames = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
+    a, b = first.reward_terms[1].rnd, second.reward_terms[1].rnd
+    torch.testing.assert_close(a.reward(frames, update_stats=False), b.reward(frames, update_stats=False))
+    third = EnvStepper(SMALL_CRAFTER, num_envs=1, seed=1, processes=False)
+    with pytest.raises(ToolkitError, match="intrinsic reward term"):
+        third.load_state_dict(state)
+    first.close()

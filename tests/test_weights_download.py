@@ -127,7 +127,8 @@ def dino_file(tmp_path_factory) -> tuple[Path, bytes]:
     gen = torch.Generator().manual_seed(0)
     sd = {}
     for name, p in model.state_dict().items():
-        sd[name] = (torch.randn(p.shape, generator=gen) * 0.05 + (1.0 if "norm" in name and name.endswith("weight") else 0.0)).half()
+        one = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+        sd[name] = (torch.randn(p.shape, generator=gen) * 0.05 + one).half()
     sd["mask_token"] = torch.zeros(1, 384, dtype=torch.float16)
     path = tmp_path_factory.mktemp("served") / "dinov2_vits14_pretrain.pth"
     torch.save(sd, path)

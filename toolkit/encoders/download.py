@@ -159,6 +159,24 @@ def download_url(url: str, dest: Path, *, sha256: str | None = None, hash_prefix
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ToolkitError(f"Cannot download {where}: cannot create {dest.parent} ({e})") from None
+    # One download per file at a time across processes (e.g. the ranks of a DDP job building the same encoder): the
+    # others wait, then find the file in place. Without the lock the result would still be right (each process writes
+    # its own temporary file and the rename is atomic), only fetched several times.
+    from filelock import FileLock
+
+    lock_path = dest.parent / f".{dest.name}.lock"
+    try:
+        with FileLock(lock_path):
+            if dest.is_file():
+                log.info(f"{dest}: downloaded meanwhile by another process")
+                return dest
+            return _download(url, dest, where, sha256, hash_prefix, what, progress)
+    finally:
+        lock_path.unlink(missing_ok=True)  # best effort; a lock file left behind is harmless
+
+
+def _download(url: str, dest: Path, where: str, sha256: str | None, hash_prefix: str | None, what: str,
+              progress: bool) -> Path:
     log.info(f"Downloading {what}: {url} -> {dest}")
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     tmp: Path | None = None
@@ -211,7 +229,8 @@ def download_url(url: str, dest: Path, *, sha256: str | None = None, hash_prefix
         raise ToolkitError(f"Download of {where} stopped after {size + len(e.partial)}{total} bytes (the connection "
                            f"was closed); nothing was written to {dest}. Run again to retry") from None
     except (http.client.HTTPException, socket.timeout, ConnectionError) as e:
-        raise ToolkitError(f"Download of {where} failed ({e!r}); nothing was written to {dest}. Run again to retry") from None
+        raise ToolkitError(f"Download of {where} failed ({e!r}); nothing was written to {dest}. "
+                           f"Run again to retry") from None
     except OSError as e:
         raise ToolkitError(f"Download of {where} failed ({e}); nothing was written to {dest}") from None
     finally:
@@ -240,6 +259,7 @@ def download_hub(source: HubSource, cache_dir: Path, what: str = "the checkpoint
             raise ToolkitError(f"Cannot download {what}: {source.repo_id} has none of {', '.join(source.filenames)} "
                                f"({source.fetch_url()}); cache: {cache_dir}") from None
         except Exception as e:  # noqa: BLE001: huggingface_hub raises many kinds (HTTP, connection, metadata, offline)
+            first = (str(e).strip().splitlines() or [""])[0]
             raise ToolkitError(f"Cannot download {what} from {url} into the Hugging Face cache {cache_dir}: "
-                               f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+                               f"{type(e).__name__}: {first}") from None
     raise AssertionError("unreachable")

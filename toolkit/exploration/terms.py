@@ -63,20 +63,14 @@ class GoalReward:
                  embedder: Any = None) -> None:
         from toolkit.exploration.ellm import ELLMReward
 
-        if not 0.0 < threshold <= 1.0:
-            raise ToolkitError(f"goals.threshold={threshold}: a cosine similarity in (0, 1]")
         self.suggester, self.coef = suggester, coef
-        self.rule = ELLMReward(embedder=embedder, threshold=threshold, num_envs=num_envs)
+        self.rule = ELLMReward(embedder=embedder, threshold=threshold, num_envs=num_envs)  # and its counters
         self.goals: list[list[str]] = [[] for _ in range(num_envs)]
-        self.suggested = 0  # goal suggestions made (per env and step)
         self.steps = 0
-        self.achieved: Counter[str] = Counter()  # rewarded goals, by name
 
     def _suggest(self, info: dict[str, Any], i: int) -> list[str]:
         context = json.loads(_texts(info, "goal_context", i) or "{}")
-        goals = self.suggester.suggest(_texts(info, "caption", i), context)
-        self.suggested += len(goals)
-        return goals
+        return self.suggester.suggest(_texts(info, "caption", i), context)
 
     def on_reset(self, mask: np.ndarray, info: dict[str, Any]) -> None:
         for i in np.flatnonzero(mask):
@@ -89,28 +83,30 @@ class GoalReward:
         reward = np.zeros(len(ended))
         for i in range(len(ended)):
             achieved = [g for g in _texts(info, "transition", i).split(", ") if g]
-            reward[i], rewarded = self.rule.reward(i, achieved, self.goals[i])
-            self.achieved.update(rewarded)
+            reward[i], _ = self.rule.reward(i, achieved, self.goals[i])
             if not ended[i]:  # an ended env's next goals come with its next episode's first state (on_reset)
                 self.goals[i] = self._suggest(info, i)
         self.steps += len(ended)
         return self.coef * reward
 
     def metrics(self) -> dict[str, float]:
-        out = {"goals/suggested_per_step": self.suggested / max(self.steps, 1),
-               "goals/achieved": float(sum(self.achieved.values()))}
-        out.update({f"goals/achieved/{g.replace(' ', '_')}": float(n) for g, n in self.achieved.items()})
+        rule = self.rule
+        out = {"goals/suggested_per_step": rule.goals_suggested / max(self.steps, 1),
+               "goals/achieved": float(rule.goals_achieved)}
+        out.update({f"goals/achieved/{g.replace(' ', '_')}": float(n) for g, n in rule.achieved_counts.items()})
         stats = getattr(self.suggester, "stats", None)
         if stats is not None:
             out.update({f"goals/llm_{k}": float(v) for k, v in stats().items()})
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"suggested": self.suggested, "steps": self.steps, "achieved": dict(self.achieved)}
+        rule = self.rule
+        return {"steps": self.steps, "suggested": rule.goals_suggested, "achieved": rule.goals_achieved,
+                "achieved_counts": dict(rule.achieved_counts)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.suggested, self.steps = int(state["suggested"]), int(state["steps"])
-        self.achieved = Counter(state["achieved"])
+        self.steps, self.rule.goals_suggested = int(state["steps"]), int(state["suggested"])
+        self.rule.goals_achieved, self.rule.achieved_counts = int(state["achieved"]), Counter(state["achieved_counts"])
 
 
 class RNDReward:
