@@ -18,6 +18,7 @@ register_resolvers()  # configs composed by the tests name converted files with 
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOOLKIT_OFFLINE", "1")  # encoder.weights=auto never downloads in the tests (but the download tests)
 
 TINY_ENV = {"_target_": "toolkit.envs.metaworld.MetaWorldEnv", "task": "drawer-open-v3",
             "image_size": 32, "max_episode_steps": 12}

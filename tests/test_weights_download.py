@@ -235,6 +235,28 @@ def test_full_checksum_and_hash_prefix_accepted_when_right(online, server):
     assert files_under(torch_hub_checkpoints()) == [path]
 
 
+def test_concurrent_downloads_fetch_once(online, server):
+    """Two processes (here threads) wanting the same file: one downloads, the other waits and takes it."""
+    data = small_torch_file()
+    server.routes["/f.pt"] = ("file", data)
+    dest = online / "cache" / "f.pt"
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(download.download_url(server.url + "/f.pt", dest, progress=False))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and results == [dest] * 3 and dest.read_bytes() == data
+    assert server.requests == [("GET", "/f.pt")] and files_under(dest.parent) == [dest]
+
+
 # --- failures leave nothing behind -----------------------------------------------------------------------------
 
 def test_interrupted_transfer_leaves_nothing(online, server, dino_file):
@@ -266,7 +288,8 @@ def test_ctrl_c_mid_download_removes_the_partial_file(online, server, monkeypatc
     server.routes[mirror_path(source.url)] = ("file", small_torch_file())
     with pytest.raises(KeyboardInterrupt):
         DINOv2Encoder("vits14", weights="auto", image_size=56)
-    assert len(seen["files"]) == 1 and seen["files"][0].endswith(".partial")  # it was written under a temporary name
+    partial = [name for name in seen["files"] if not name.endswith(".lock")]
+    assert len(partial) == 1 and partial[0].endswith(".partial")  # it was written under a temporary name
     assert files_under(online) == []
 
 

@@ -168,13 +168,14 @@ class CLIPTextEncoder(LanguageEncoder):
 
     def __init__(self, variant: str = "ViT-B-32", weights: str | None = None, cache_path: str | os.PathLike | None = None,
                  device: str | torch.device = "cpu", quick_gelu: bool | None = None) -> None:
-        from toolkit.encoders.clip import PUBLISHED, file_fingerprint, model_config, weight_patterns
+        from toolkit.encoders.clip import PUBLISHED, file_fingerprint, model_config, weight_patterns, weight_source
         from toolkit.encoders.weights import resolve_weights
 
         super().__init__(cache_path, device)
         self.variant, self._quick_gelu = variant, quick_gelu
         self.out_dim = int(model_config(variant)["embed_dim"])
-        self.weights_path = resolve_weights(weights, weight_patterns(variant), f"CLIP {variant}", PUBLISHED)
+        self.weights_path = resolve_weights(weights, weight_patterns(variant), f"CLIP {variant}", PUBLISHED,
+                                            source=weight_source(variant))
         self._model: nn.Module | None = None
         self._tokenizer = None
         if self.weights_path is None:
