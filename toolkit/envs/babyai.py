@@ -13,7 +13,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from toolkit.envs.base import RobotEnv
+from toolkit.envs.base import RobotEnv, discrete_action_index
 from toolkit.errors import ToolkitError
 
 CAMERA = "top"  # the whole grid seen from above; the obs key is rgb_top like every rgb_<camera>
@@ -122,7 +122,6 @@ class BabyAIEnv(RobotEnv):
         self._expert_used = False
         self._bot_gave_up = False
         self._last_action: int | None = None
-        self._failed = False
         self._mission: str | None = None
         self._raw_obs: dict[str, Any] | None = None
         self._clauses: list[tuple[Any, Any]] = []
@@ -161,12 +160,7 @@ class BabyAIEnv(RobotEnv):
         return obs
 
     def _action_index(self, action: Any) -> int:
-        a = np.asarray(action, dtype=np.float64).reshape(-1)
-        n = int(self.action_space.n)
-        if a.size != 1 or not np.isfinite(a[0]) or a[0] != np.rint(a[0]) or not 0 <= a[0] < n:
-            raise ToolkitError(f"BabyAI action {np.asarray(action).tolist()!r} is not an action index in [0, {n}): "
-                               f"give one integer (an int, or a [1] array holding it as a float)")
-        return int(a[0])
+        return discrete_action_index(action, int(self.action_space.n), "BabyAI")
 
     # --- RobotEnv -------------------------------------------------------------------------------
     def _reset(self, seed: int | None) -> dict[str, Any]:
@@ -179,7 +173,7 @@ class BabyAIEnv(RobotEnv):
         self._mission = str(self._env.mission)
         self._bot = BabyAIBot(self._env)  # parses the freshly generated mission
         self._expert_cache, self._expert_used, self._bot_gave_up = None, False, False
-        self._last_action, self._failed = None, False
+        self._last_action = None
         self._clauses = _leaves(self._env.instrs)
         # read now: surface() matches objects against the current grid, and a picked-up object is not on it
         self._clause_text = [clause.surface(self._env) for clause, _ in self._clauses]
@@ -196,9 +190,8 @@ class BabyAIEnv(RobotEnv):
         # The level's verifier ends the episode: with a reward on success, with 0 on failure (the strict
         # *Debug levels: a wrong object picked up, a wrong door opened).
         success = bool(terminated and reward > 0)
-        self._failed = bool(terminated and not success)
         self._record_segments(success)
-        return self._obs(), float(reward), success, {}
+        return self._obs(), float(reward), success, {"terminal": bool(terminated and not success)}
 
     def _record_segments(self, success: bool) -> None:
         """Close a segment at this step for every clause the verifier now counts as done."""
@@ -221,14 +214,6 @@ class BabyAIEnv(RobotEnv):
     def sub_instructions(self) -> list[str]:
         """The mission's clauses in textual order, e.g. ["go to the red ball", "open the door"]."""
         return list(self._clause_text)
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = super().step(action)
-        if self._failed and not terminated:  # the base class only ends episodes on success or time
-            terminated, truncated = True, False
-            self._done = True
-            self._last = (obs, reward, terminated, truncated, info)
-        return obs, reward, terminated, truncated, info
 
     def expert_action(self) -> np.ndarray:
         """The bot's action ``[index]`` float32; the same until the next step or reset."""

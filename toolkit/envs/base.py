@@ -20,6 +20,16 @@ import numpy as np
 from toolkit.errors import ToolkitError
 
 
+def discrete_action_index(action: Any, n: int, env_name: str) -> int:
+    """A discrete action as policies and episode files give it (an int, a numpy integer, or a [1] array holding
+    the index as a float) -> the index; anything else (a vector, a fraction, out of range) a ToolkitError."""
+    a = np.asarray(action, dtype=np.float64).reshape(-1)
+    if a.size != 1 or not np.isfinite(a[0]) or a[0] != np.rint(a[0]) or not 0 <= a[0] < n:
+        raise ToolkitError(f"{env_name} action {np.asarray(action).tolist()!r} is not an action index in [0, {n}): "
+                           f"give one integer (an int, or a [1] array holding it as a float)")
+    return int(a[0])
+
+
 class RobotEnv(gym.Env):
     """Base class: subclasses implement ``_reset(seed)`` and ``_step(action)``; this class owns the
     episode bookkeeping (time limit, termination on success, holding still after the end)."""

@@ -20,7 +20,7 @@ import crafter
 import gymnasium as gym
 import numpy as np
 
-from toolkit.envs.base import RobotEnv
+from toolkit.envs.base import RobotEnv, discrete_action_index
 from toolkit.envs.crafter_text import (ACHIEVEMENTS, ITEMS, goal_context, nearby_names, semantic_names,
                                        state_caption, transition_caption)
 from toolkit.errors import ToolkitError
@@ -108,12 +108,7 @@ class CrafterEnv(RobotEnv):
         return info
 
     def _action_index(self, action: Any) -> int:
-        a = np.asarray(action, dtype=np.float64).reshape(-1)
-        n = int(self.action_space.n)
-        if a.size != 1 or not np.isfinite(a[0]) or a[0] != np.rint(a[0]) or not 0 <= a[0] < n:
-            raise ToolkitError(f"Crafter action {np.asarray(action).tolist()!r} is not an action index in [0, {n}): "
-                               f"give one integer (an int, or a [1] array holding it as a float)")
-        return int(a[0])
+        return discrete_action_index(action, int(self.action_space.n), "Crafter")
 
     # --- RobotEnv -------------------------------------------------------------------------------
     def _reset(self, seed: int | None) -> dict[str, Any]:
