@@ -58,7 +58,8 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    # exact ends at 0 and n successes (the formula gives them up to rounding)
+    return (0.0 if successes == 0 else max(0.0, center - half)), (1.0 if successes == n else min(1.0, center + half))
 
 
 # --- checkpoints and their env ------------------------------------------------------------------------------
@@ -81,11 +82,17 @@ def parse_env_overrides(items: list[str]) -> dict[str, Any]:
 
 def apply_env_overrides(env_cfg: dict[str, Any], overrides: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
     """The checkpoint's env config with ``overrides``; a key the env config does not have is refused (a typo
-    would otherwise reach the env's constructor) unless written ``+key``."""
+    would otherwise reach the env's constructor) unless written ``+key``. Another ``_target_`` starts from an
+    empty config (the old env's fields mean nothing to the new one)."""
     env_cfg = dict(env_cfg or {})
+    target = next((v for k, v in overrides.items() if k.lstrip("+") == "_target_"), None)
+    if target is not None and target != env_cfg.get("_target_"):
+        env_cfg = {}
+        overrides = {k.lstrip("+"): v for k, v in overrides.items()}
+        overrides = {"_target_": overrides.pop("_target_"), **{f"+{k}": v for k, v in overrides.items()}}
     for key, value in overrides.items():
         name = key.lstrip("+")
-        if not key.startswith("+") and name not in env_cfg:
+        if not key.startswith("+") and name not in env_cfg and name != "_target_":
             fields = ", ".join(k for k in env_cfg if k != "_target_") or "none"
             raise ToolkitError(f"--env {name}={value}: the env of {checkpoint} ({env_cfg.get('_target_')}) has no "
                                f"field {name!r} (its fields: {fields}); write --env +{name}=... to add one")
@@ -101,10 +108,13 @@ def check_env_fits(policy: Any, spec: Any, env_cfg: dict[str, Any], checkpoint: 
 
     problems = rollout_mismatches(policy.hparams["shape_meta"], spec.observation_space, spec.action_space)
     discrete = bool(getattr(policy, "discrete", False))
-    if discrete != isinstance(spec.action_space, gym.spaces.Discrete):
-        problems.append(f"actions: checkpoint {'discrete' if discrete else 'continuous'}, env {spec.action_space}")
-    elif discrete and int(policy.hparams.get("num_actions") or 0) != int(spec.action_space.n):
-        problems.append(f"actions: checkpoint {policy.hparams.get('num_actions')} discrete, env {spec.action_space}")
+    if not any(p.startswith("action") for p in problems):  # same size: the kind and number of actions too
+        if discrete != isinstance(spec.action_space, gym.spaces.Discrete):
+            kind = "discrete" if discrete else "continuous"
+            problems.append(f"actions: checkpoint {kind}, env {spec.action_space}")
+        elif discrete and int(policy.hparams.get("num_actions") or 0) != int(spec.action_space.n):
+            n = policy.hparams.get("num_actions")
+            problems.append(f"actions: checkpoint {n} discrete, env {spec.action_space}")
     if problems:
         env_text = ", ".join(f"{k}={v}" for k, v in env_cfg.items())
         raise ToolkitError(f"{checkpoint} was trained on other observations or actions than the env "
@@ -123,13 +133,22 @@ def load_for_eval(checkpoint: str | Path, env_overrides: dict[str, Any] | None =
     if not path.is_file():
         raise ToolkitError(f"{path}: no such checkpoint")
     policy = load_policy(path, device=device, trust_pickled_code=trust_pickled_code)
-    env_cfg = apply_env_overrides((policy.toolkit_cfg or {}).get("env") or {}, env_overrides or {}, path)
+    stored = (policy.toolkit_cfg or {}).get("env") or {}
+    env_cfg = apply_env_overrides(stored, env_overrides or {}, path)
     if not env_cfg.get("_target_"):
         raise ToolkitError(f"{path} was trained without an env (env=none): name one, e.g. "
-                           f"--env +_target_=toolkit.envs.metaworld.MetaWorldEnv +task=drawer-open-v3")
-    if not trust_pickled_code:
+                           f"--env _target_=toolkit.envs.metaworld.MetaWorldEnv task=drawer-open-v3")
+    if not trust_pickled_code and env_cfg["_target_"] == stored.get("_target_"):  # the file's env, not the user's
         check_checkpoint_targets(env_cfg, "toolkit_cfg.env", path)
-    check_env_fits(policy, check_env(env_cfg), env_cfg, path)
+    try:
+        spec = check_env(env_cfg)
+    except ToolkitError:
+        raise
+    except Exception as e:  # noqa: BLE001: a constructor that refuses the fields (Hydra wraps its TypeError)
+        if isinstance(e.__cause__, ToolkitError):
+            raise e.__cause__ from None
+        raise ToolkitError(f"the env {env_cfg} of {path} cannot be built: {e.__cause__ or e}") from None
+    check_env_fits(policy, spec, env_cfg, path)
     return policy, env_cfg
 
 
@@ -141,8 +160,22 @@ def vector_envs(env_cfg: dict[str, Any], num_envs: int) -> Iterator[Any]:
     envs = make_vector_env(env_cfg, num_envs)
     try:
         yield envs
-    finally:
-        envs.close()
+    except BaseException:
+        _close_broken(envs)
+        raise
+    envs.close()
+
+
+def _close_broken(envs: Any) -> None:
+    """Close a vector env after an error, also when one of its processes died (gymnasium's close then waits on
+    the dead process's pipe and raises)."""
+    try:
+        envs.close(terminate=True)
+    except Exception:  # noqa: BLE001
+        for process in getattr(envs, "processes", None) or []:
+            if process.is_alive():
+                process.terminate()
+        envs.closed = True  # else its __del__ tries (and fails) again
 
 
 def seen_seed_ranges(cfg: dict[str, Any]) -> list[tuple[str, int, int]]:
@@ -228,7 +261,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, episodes: i
                         trust_pickled_code: bool = False, device: str = "cpu") -> dict[str, Any]:
     """Roll out ``episodes`` episodes from seeds ``seed, seed + 1, ...``; writes ``episodes.csv``,
     ``episodes.json``, ``summary.json`` (and ``video.mp4``) into ``out_dir``; returns the summary."""
-    from toolkit.envs.rollout import run_rollouts
+    from toolkit.envs.rollout import SimulatorCrash, run_rollouts
 
     if episodes < 1 or num_envs < 1:
         raise ToolkitError(f"--episodes {episodes} --envs {num_envs}: both must be at least 1")
@@ -239,13 +272,17 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, episodes: i
         if low < seed + episodes and seed < high:
             print(f"warning: evaluation seeds {seed}..{seed + episodes - 1} overlap the {what} seeds {low}..{high - 1} "
                   f"of {checkpoint}: those configurations are not unseen", file=sys.stderr)
-    with vector_envs(env_cfg, min(num_envs, episodes)) as envs:
-        res = run_rollouts(policy, envs, episodes, seeds, min(video, episodes))
+    try:
+        with vector_envs(env_cfg, min(num_envs, episodes)) as envs:
+            res = run_rollouts(policy, envs, episodes, seeds, min(video, episodes))
+    except SimulatorCrash as crash:  # partial results would bias the rate: report, write nothing
+        raise ToolkitError(f"evaluating {checkpoint}: {crash}; nothing written, run it again") from None
     out_dir = Path(out_dir)
     rows = episode_rows(res, seeds)
     write_episodes(out_dir, rows)
     summary = {"checkpoint": str(checkpoint), "policy": (policy.toolkit_cfg or {}).get("policy", {}).get("_target_"),
-               "env": env_cfg, "env_overrides": env_overrides or {}, "first_seed": seed, "last_seed": seed + episodes - 1,
+               "env": env_cfg, "env_overrides": env_overrides or {},
+               "first_seed": seed, "last_seed": seed + episodes - 1,
                **summarize(rows, res), "wall_time_s": time.perf_counter() - start, "video": None,
                "out_dir": str(out_dir)}
     if video and res["frames"]:
@@ -345,7 +382,8 @@ def summary_dir(targets: list[Target], dirs: list[Path], out: Path | None, paths
 
 def summary_row(target: Target, s: dict[str, Any]) -> dict[str, Any]:
     row = {"run": target.name, "overrides": " ".join(target.overrides), "checkpoint": str(target.checkpoint),
-           "episodes": s["episodes"], "first_seed": s["first_seed"], "last_seed": s["last_seed"], "success_rate": s["success_rate"],
+           "episodes": s["episodes"], "first_seed": s["first_seed"], "last_seed": s["last_seed"],
+           "success_rate": s["success_rate"],
            "success_ci95_low": s["success_ci95"][0], "success_ci95_high": s["success_ci95"][1],
            "mean_return": s["mean_return"], "mean_length": s["mean_length"], "env_steps_per_s": s["env_steps_per_s"]}
     if "crafter_score" in s:
@@ -399,7 +437,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                              "2,000,000.. and zero-shot 3,000,000..)")
     parser.add_argument("--video", type=int, default=0, metavar="K", help="write an MP4 of the first K episodes")
     parser.add_argument("--env", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="change the checkpoint's env config (task=door-open-v3, level=GoToRedBall; +key=value adds a field)")
+                        help="change the checkpoint's env config (task=door-open-v3, level=GoToRedBall; "
+                             "+key=value adds a field)")
     parser.add_argument("--which", choices=("last", "best"), default="last",
                         help="in run and sweep dirs: checkpoints/last.ckpt (default) or the best*.ckpt")
     parser.add_argument("--out", type=Path, default=None,

@@ -189,7 +189,10 @@ def train(cfg: DictConfig) -> dict:
         "output_dir": cfg.paths.output_dir,
     }
     if trainer.is_global_zero:  # DDP: one summary, from rank 0
+        from toolkit.plot import try_plot_run
+
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+        summary["plot"] = try_plot_run(cfg.paths.output_dir)  # curves.png; None without CSV logs, a warning if it fails
         Path(cfg.paths.output_dir, "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)
     return summary
@@ -214,6 +217,7 @@ def print_summary(summary: dict) -> None:
         ("last checkpoint", summary.get("last_checkpoint")),
         ("logs", ", ".join(summary.get("logs") or [])),
         ("rollout video", summary.get("video")),
+        ("curves", summary.get("plot")),
     ]
     for name, value in rows:
         if isinstance(value, float):

@@ -176,7 +176,7 @@ def trusting_pickled_code(trust: bool) -> Iterator[None]:
 def opt_in_hint() -> str:
     return (f"If you trust this file and whoever made it, opt in to running its code: `{TRUST_FIELD}=true` "
             f"(train.py), load_policy(..., {TRUST_FIELD}=True), or --trust-pickled-code "
-            f"(python -m toolkit.zero_shot / toolkit.encoders.spawnnet_features)")
+            f"(python eval.py / python -m toolkit.zero_shot / toolkit.encoders.spawnnet_features)")
 
 
 def refuse(path: Path, offending: str, detail: str = "") -> ToolkitError:
