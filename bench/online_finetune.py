@@ -30,7 +30,6 @@ metrics.csv (training-episode success, approx_kl, clipfrac, value loss, entropy)
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import math
@@ -40,6 +39,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from toolkit.plot import read_metrics  # noqa: E402
+
 # the code a run used (other work may change it between runs): md5 of each file, stored in the run dir
 CODE = ["toolkit/policies/ppo.py", "toolkit/datamodules/online.py", "toolkit/envs/stepper.py",
         "conf/policy/ppo.yaml", "conf/policy/ppo_flare.yaml", "conf/data/online.yaml"]
@@ -99,20 +101,8 @@ def run(name: str, root: Path, overrides: list[str], threads: int) -> dict:
     summary = json.loads(done.read_text())
     wall = done.parent / "process_wall_s.txt"
     summary["process_wall_s"] = float(wall.read_text()) if wall.exists() else summary.get("wall_time_s", math.nan)
-    summary["metrics"] = read_metrics(done.parent)
+    summary["metrics"] = read_metrics(done.parent)  # toolkit.plot's: every metric as sorted (step, value) pairs
     return summary
-
-
-def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every logged metric of a run as (step, value) pairs, from its CSV logger."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                for k, v in row.items():
-                    if k != "step" and v not in ("", None):
-                        series.setdefault(k, []).append((int(row["step"]), float(v)))
-    return series
 
 
 def last(s: dict, key: str, n: int = 1) -> float:

@@ -152,3 +152,20 @@ def test_the_kind_and_number_of_actions_must_fit():
         check_env_fits(discrete7, EnvSpec(gym.spaces.Discrete(5), obs, {}), {"_target_": "x"}, "a.ckpt")
     with pytest.raises(ToolkitError, match=r"actions: checkpoint continuous, env Discrete\(2\)"):
         check_env_fits(continuous, EnvSpec(gym.spaces.Discrete(2), obs, {}), {"_target_": "x"}, "a.ckpt")
+
+
+def test_a_vector_env_with_a_dead_process_is_closed_without_hanging_or_raising():
+    """eval's cleanup after an error: gymnasium's own close would wait on the dead process's pipe and raise;
+    ``_close_broken`` terminates what is left instead, and marks the env closed."""
+    import os
+    import signal
+
+    from toolkit.envs.vector import make_vector_env
+    from toolkit.eval import _close_broken
+
+    envs = make_vector_env({"_target_": "bandit_env.BanditEnv"}, 2)
+    envs.reset(seed=[0, 1])
+    os.kill(envs.processes[0].pid, signal.SIGKILL)
+    envs.processes[0].join(10)
+    _close_broken(envs)
+    assert envs.closed and not any(p.is_alive() for p in envs.processes)

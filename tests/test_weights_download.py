@@ -245,7 +245,7 @@ def test_concurrent_downloads_fetch_once(online, server):
     def fetch():
         try:
             results.append(download.download_url(server.url + "/f.pt", dest, progress=False))
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001: a thread's error, kept for the assertion below (not swallowed)
             errors.append(e)
 
     threads = [threading.Thread(target=fetch) for _ in range(3)]

@@ -171,7 +171,7 @@ def _close_broken(envs: Any) -> None:
     the dead process's pipe and raises)."""
     try:
         envs.close(terminate=True)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001: deliberate, the error being handled is the caller's (re-raised there); tested
         for process in getattr(envs, "processes", None) or []:
             if process.is_alive():
                 process.terminate()

@@ -37,8 +37,9 @@ def run_rollouts(policy: Any, envs, num_episodes: int, seed: int | Sequence[int]
     sees the same configurations.
     The policy sees each env's ``instruction()`` as ``obs["instruction"]``. Returns per-episode
     ``success``, ``return``, ``length``, ``instruction``, the frames of the first ``video_episodes``
-    episodes, and the env steps/s. A dead simulator process raises ``SimulatorCrash`` with the episodes
-    that finished before it.
+    episodes, and the env steps/s; envs whose info has ``achievements`` (Crafter) add ``achievements`` (the
+    names) and ``unlocked`` (``[episodes, names]``, what each episode unlocked). A dead simulator process raises
+    ``SimulatorCrash`` with the episodes that finished before it.
     """
     n = envs.num_envs
     seed_of = (lambda k: seed + k) if isinstance(seed, int) else (lambda k: int(seed[k]))

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.envs.rollout import WORKER_DIED
+from toolkit.envs.rollout import WORKER_DIED, achievement_flags, achievement_metrics
 from toolkit.errors import ToolkitError
 from toolkit.envs.vector import make_vector_env, reset_some, update_instructions
 
@@ -124,8 +124,6 @@ class EnvStepper:
             transition["reward"] = reward + intrinsic
         unlocked = None
         if ended.any() and "achievements" in info:
-            from toolkit.envs.rollout import achievement_flags
-
             self.achievement_names, unlocked = achievement_flags(info["achievements"])
         for i in np.flatnonzero(ended):
             self.recent.append({"return": float(self._return[i]), "length": float(self._length[i]),
@@ -166,8 +164,6 @@ class EnvStepper:
             keys = ("success", "return", "length") + (("intrinsic_return",) if self.reward_terms else ())
             stats = {k: float(np.mean([e.get(k, 0.0) for e in self.recent])) for k in keys}
         if self.recent_unlocked:
-            from toolkit.envs.rollout import achievement_metrics
-
             names = self.achievement_names or sorted({n for e in self.recent_unlocked for n in e})
             flags = np.array([[n in e for n in names] for e in self.recent_unlocked], bool)
             stats.update({k: v for k, v in achievement_metrics(names, flags, "").items() if "/" not in k})

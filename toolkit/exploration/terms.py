@@ -80,12 +80,10 @@ class GoalReward:
     def on_step(self, transition: dict[str, Any]) -> np.ndarray:
         info = transition["info"]
         ended = transition["terminated"] | transition["truncated"]
-        reward = np.zeros(len(ended))
-        for i in range(len(ended)):
-            achieved = [g for g in _texts(info, "transition", i).split(", ") if g]
-            reward[i], _ = self.rule.reward(i, achieved, self.goals[i])
-            if not ended[i]:  # an ended env's next goals come with its next episode's first state (on_reset)
-                self.goals[i] = self._suggest(info, i)
+        achieved = [[g for g in _texts(info, "transition", i).split(", ") if g] for i in range(len(ended))]
+        reward = self.rule.rewards(achieved, self.goals)  # goals suggested for the states before the step
+        for i in np.flatnonzero(~ended):  # an ended env's next goals come with its next episode's first state (on_reset)
+            self.goals[i] = self._suggest(info, int(i))
         self.steps += len(ended)
         return self.coef * reward
 
