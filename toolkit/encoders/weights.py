@@ -34,6 +34,7 @@ from toolkit.errors import ToolkitError
 
 log = logging.getLogger(__name__)
 
+
 def _xdg_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
 
