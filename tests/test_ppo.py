@@ -464,6 +464,21 @@ def test_target_kl_ends_a_cycle_early():
     assert dm.stepper.env_steps == 3 * 4
 
 
+def test_critic_warmup_updates_the_critic_alone_then_both():
+    env = bandit()
+    dm = OnlineDataModule(env, num_envs=1, seed=0, batch_size=4, history=1)
+    policy = make_ppo(env, n_steps=4, n_epochs=1, batch_size=4, separate_critic=True, critic_warmup_steps=3)
+    actor = {k: v.clone() for k, v in policy.head.state_dict().items()}
+    critic = {k: v.clone() for k, v in policy.value_head.state_dict().items()}
+    trainer(max_steps=3).fit(policy, dm)  # the 3 warm-up updates
+    for k, v in policy.head.state_dict().items():
+        torch.testing.assert_close(v, actor[k], rtol=0, atol=0)
+    assert any(not torch.equal(v, critic[k]) for k, v in policy.value_head.state_dict().items())
+    policy.critic_warmup_steps = 0  # (a fresh trainer counts from update 0 again)
+    trainer(max_steps=1).fit(policy, dm)
+    assert any(not torch.equal(v, actor[k]) for k, v in policy.head.state_dict().items())
+
+
 # --- init_from a BC checkpoint ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bc_checkpoint(tmp_path_factory) -> Path:

@@ -45,6 +45,7 @@ class PPO(BCTransformer):
         freeze_encoder: bool = False,
         init_log_std: float = -1.0,
         target_kl: float | None = None,
+        critic_warmup_steps: int = 0,
         deterministic_eval: bool = True,
         **kwargs,
     ) -> None:
@@ -53,6 +54,11 @@ class PPO(BCTransformer):
         self.n_steps, self.n_epochs, self.batch_size = n_steps, n_epochs, batch_size
         self.gamma, self.gae_lambda, self.clip_coef, self.clip_vloss = gamma, gae_lambda, clip_coef, clip_vloss
         self.norm_adv, self.ent_coef, self.vf_coef, self.target_kl = norm_adv, ent_coef, vf_coef, target_kl
+        if critic_warmup_steps < 0:
+            raise ValueError(f"policy.critic_warmup_steps={critic_warmup_steps}: a number of updates, 0 or more")
+        # a critic that starts from random weights (separate_critic on a BC checkpoint) gives the actor noise for
+        # advantages until it has fitted the BC policy's returns: the first updates train the critic alone
+        self.critic_warmup_steps = critic_warmup_steps
         if freeze_encoder:  # FLaRe: the pretrained visual encoder stays as it is
             self.encoder.frozen = True
             self.encoder._apply_freeze()
@@ -135,11 +141,14 @@ class PPO(BCTransformer):
         else:
             value_loss = 0.5 * ((value - batch["ret"]) ** 2).mean()
         entropy = self.entropy(dist).mean()
+        actor_loss = policy_loss - self.ent_coef * entropy
+        if self._trainer is not None and self.trainer.global_step < self.critic_warmup_steps:
+            actor_loss = actor_loss.detach()  # warm-up: the value loss alone has gradients
         with torch.no_grad():
             approx_kl = ((ratio - 1) - logratio).mean()  # http://joschu.net/blog/kl-approx.html
             clipfrac = ((ratio - 1).abs() > self.clip_coef).float().mean()
             spread = batch["advantage"].std() if len(adv) > 1 else adv.new_zeros(())  # before normalization
-        return {"loss": policy_loss - self.ent_coef * entropy + self.vf_coef * value_loss,
+        return {"loss": actor_loss + self.vf_coef * value_loss,
                 "policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy,
                 "approx_kl": approx_kl, "clipfrac": clipfrac, "advantage_std": spread,
                 **({} if self.discrete else {"action_std": self.log_std.detach().exp().mean()})}
