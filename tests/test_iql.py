@@ -138,6 +138,17 @@ def test_actor_lr_is_cosine_decayed_and_critic_lr_constant():
     assert critic["lr"] == pytest.approx(3e-4) and actor["lr"] == pytest.approx(1.5e-4)
 
 
+def test_actor_lr_sets_the_actor_groups_lr_alone_and_constant_without_cosine_steps():
+    policy = make_policy(actor_lr=3e-5, actor_cosine_steps=None)
+    conf = policy.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    critic, actor = opt.param_groups
+    assert critic["lr"] == pytest.approx(3e-4) and actor["lr"] == pytest.approx(3e-5)
+
+
 def bandit_batch(n: int, seed: int) -> dict:
     """One-step offline bandit: each random state appears twice, with the rewarded action sign(s0) (reward 1)
     and its opposite (reward 0). Behaviour cloning averages the two to ~0."""

@@ -106,6 +106,7 @@ class IQLPolicy(PolicyModule):
         num_actions: int | None = None,
         encoder_updated_by: str = "critic",
         actor_cosine_steps: int | None = None,
+        actor_lr: float | None = None,
         lang_dim: int | None = None,
         trunk: str = "transformer",
         d_model: int = 128,
@@ -132,6 +133,9 @@ class IQLPolicy(PolicyModule):
         self.gamma, self.tau = gamma, tau
         self.actor_head, self.discrete = actor_head, action_type == "discrete"
         self.encoder_updated_by, self.actor_cosine_steps = encoder_updated_by, actor_cosine_steps
+        if actor_lr is not None and actor_lr <= 0:
+            raise ValueError(f"policy.actor_lr={actor_lr}: a positive learning rate, or null (policy.lr)")
+        self.actor_lr = actor_lr
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"policy.max_grad_norm={max_grad_norm}: a positive norm, or null (no clipping)")
         self.max_grad_norm = max_grad_norm
@@ -230,7 +234,8 @@ class IQLPolicy(PolicyModule):
     def configure_optimizers(self):
         groups = self.param_groups()
         optimizer = self.optimizer_fn(params=[{"params": groups["critic"], "name": "critic"},
-                                              {"params": groups["actor"], "name": "actor"}], lr=self.lr)
+                                              {"params": groups["actor"], "name": "actor",
+                                               "lr": self.actor_lr or self.lr}], lr=self.lr)
         steps = self.actor_cosine_steps
 
         def actor_factor(step: int) -> float:  # CosineAnnealingLR(T_max=steps, eta_min=0)
