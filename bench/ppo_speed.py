@@ -101,7 +101,8 @@ def toolkit_ppo(args, datamodule, seed: int = 0):
     torch.manual_seed(seed)
     # state only: the encoder is never called (no camera); it is built because every policy owns one
     encoder = ImpalaEncoder(image_size=8, channels=(1,), num_blocks=1, out_dim=1)
-    return PPO(encoder, datamodule.shape_meta, datamodule.stats, optimizer=partial(torch.optim.AdamW, weight_decay=1e-4, fused=True),
+    optimizer = partial(torch.optim.AdamW, weight_decay=1e-4, fused=True)  # as conf/policy/bc_transformer.yaml
+    return PPO(encoder, datamodule.shape_meta, datamodule.stats, optimizer=optimizer,
                lr=3e-4, history=1, horizon=1, trunk="concat", d_model=args.hidden, action_type="discrete",
                num_actions=7, n_steps=args.n_steps, n_epochs=args.n_epochs, batch_size=args.batch_size, gamma=0.99,
                gae_lambda=0.95, clip_coef=0.2, ent_coef=0.01, vf_coef=0.5, separate_critic=False)

@@ -127,26 +127,18 @@ def test_encoder_updated_by_routes_gradients(mode):
     assert got_critic == (mode in ("critic", "all"))
 
 
-def test_actor_lr_is_cosine_decayed_and_critic_lr_constant():
-    policy = make_policy(actor_cosine_steps=10)
+@pytest.mark.parametrize("kwargs, actor_lr", [({"actor_cosine_steps": 10}, 1.5e-4),  # half way down the cosine
+                                             ({"actor_lr": 3e-5, "actor_cosine_steps": None}, 3e-5)],
+                         ids=["cosine", "own_constant_lr"])
+def test_actor_lr_is_scheduled_alone_and_critic_lr_constant(kwargs, actor_lr):
+    policy = make_policy(**kwargs)
     conf = policy.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     for _ in range(5):
         opt.step()
         sched.step()
     critic, actor = opt.param_groups
-    assert critic["lr"] == pytest.approx(3e-4) and actor["lr"] == pytest.approx(1.5e-4)
-
-
-def test_actor_lr_sets_the_actor_groups_lr_alone_and_constant_without_cosine_steps():
-    policy = make_policy(actor_lr=3e-5, actor_cosine_steps=None)
-    conf = policy.configure_optimizers()
-    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
-    for _ in range(5):
-        opt.step()
-        sched.step()
-    critic, actor = opt.param_groups
-    assert critic["lr"] == pytest.approx(3e-4) and actor["lr"] == pytest.approx(3e-5)
+    assert critic["lr"] == pytest.approx(3e-4) and actor["lr"] == pytest.approx(actor_lr)
 
 
 def bandit_batch(n: int, seed: int) -> dict:
