@@ -45,6 +45,7 @@ def test_a_two_job_sweep_runs_through_sbatch_to_completion(slurm, tmp_path):
     assert submitted  # went through submitit's sbatch submission, not a local launcher
 
 
+@pytest.mark.slow  # ~3 min (the longest test): CI's fast run took 29.7 min of tests on session 21's machine
 def test_a_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
     proc = sweep(tmp_path, "trainer.max_steps=40", "trainer.val_check_interval=40",
                  "callbacks.last_checkpoint.every_n_train_steps=5", "hydra.launcher.signal_delay_s=30", wait=False)
