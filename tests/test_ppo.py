@@ -479,6 +479,54 @@ def test_critic_warmup_updates_the_critic_alone_then_both():
     assert any(not torch.equal(v, actor[k]) for k, v in policy.head.state_dict().items())
 
 
+@pytest.mark.parametrize("discrete", [False, True], ids=["continuous", "discrete"])
+def test_bc_kl_penalty_is_the_kl_to_the_loaded_policy_by_hand_and_pulls_back_to_it(discrete):
+    """``bc_kl_coef``: load_actor_weights makes the loaded actor the reference; the penalty is
+    KL(policy || reference) on the minibatch's states (0 before any update), added to the loss with its weight."""
+    from toolkit.policies.init_from import load_actor_weights
+
+    env = bandit(discrete=discrete, num_contexts=3)
+    bc = make_ppo(env, seed=1)  # stands in for the BC checkpoint: its actor's weights
+    ckpt = {"state_dict": {k: v for k, v in bc.state_dict().items() if k.startswith(("trunk.", "head.", "encoder."))}}
+    policy = make_ppo(env, seed=2, bc_kl_coef=0.5)
+    with pytest.raises(ToolkitError, match="init_from"):
+        trainer(max_steps=1).fit(policy, OnlineDataModule(env, num_envs=1, seed=0, batch_size=8, history=1))
+    load_actor_weights(policy, ckpt, "bc.ckpt")
+    g = torch.Generator().manual_seed(0)
+    n, state_dim = 8, policy.state_dim
+    batch = {"obs": {"state": torch.randn(n, 1, state_dim, generator=g)},
+             "action": torch.randint(0, 3, (n,), generator=g) if discrete else torch.randn(n, policy.action_dim, generator=g),
+             "logprob": torch.zeros(n), "value": torch.zeros(n), "advantage": torch.randn(n, generator=g),
+             "ret": torch.zeros(n)}
+    assert float(policy.compute_loss(batch)["bc_kl"]) == 0.0
+    with torch.no_grad():
+        reference, _ = policy.distribution_and_value(batch["obs"])
+        policy.head[-1].bias[0] += 0.5  # one logit, one mean: a shift of all logits would not change a categorical
+        if not discrete:
+            policy.log_std.add_(0.2)
+    losses = policy.compute_loss(batch)
+    dist, _ = policy.distribution_and_value(batch["obs"])
+    if discrete:
+        p, q = dist.probs, reference.probs
+        by_hand = (p * (p.log() - q.log())).sum(-1).mean()
+    else:
+        mu, sd, mu0, sd0 = dist.mean, dist.stddev, reference.mean, reference.stddev
+        by_hand = (torch.log(sd0 / sd) + (sd ** 2 + (mu - mu0) ** 2) / (2 * sd0 ** 2) - 0.5).sum(-1).mean()
+    torch.testing.assert_close(losses["bc_kl"], by_hand)
+    policy.bc_kl_coef = 0.0
+    plain = policy.compute_loss(batch)["loss"]
+    torch.testing.assert_close(losses["loss"], plain + 0.5 * by_hand)
+    policy.bc_kl_coef = 0.5
+    optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(5):  # the penalty alone pulls the actor back towards the reference
+        optimizer.zero_grad()
+        policy.compute_loss(batch)["bc_kl"].backward()
+        optimizer.step()
+    assert float(policy.compute_loss(batch)["bc_kl"]) < 0.5 * float(by_hand)
+    state = policy.state_dict()  # checkpoints keep the reference: a resumed run stays near the same policy
+    assert bool(state["reference_set"]) and any(k.startswith("reference_head.") for k in state)
+
+
 # --- init_from a BC checkpoint ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bc_checkpoint(tmp_path_factory) -> Path:

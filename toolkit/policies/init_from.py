@@ -84,3 +84,5 @@ def load_actor_weights(policy, ckpt: dict[str, Any], path: str | Path) -> None:
                            f"(not in the policy: {unexpected[:6] or 'none'}; shapes, checkpoint vs policy: "
                            f"{mismatched[:6] or 'none'})")
     policy.load_state_dict(theirs, strict=False)
+    if hasattr(policy, "set_reference"):  # PPO's bc_kl_coef: the loaded actor is what it stays near
+        policy.set_reference()

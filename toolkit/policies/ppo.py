@@ -12,13 +12,14 @@ the encoder is frozen, so neither acting nor updating re-encodes a frame.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.distributions import Categorical, Normal
+from torch.distributions import Categorical, Normal, kl_divergence
 
 from toolkit.errors import ToolkitError
 from toolkit.policies.bc_transformer import BCTransformer
@@ -46,6 +47,7 @@ class PPO(BCTransformer):
         init_log_std: float = -1.0,
         target_kl: float | None = None,
         critic_warmup_steps: int = 0,
+        bc_kl_coef: float = 0.0,
         deterministic_eval: bool = True,
         **kwargs,
     ) -> None:
@@ -59,6 +61,9 @@ class PPO(BCTransformer):
         # a critic that starts from random weights (separate_critic on a BC checkpoint) gives the actor noise for
         # advantages until it has fitted the BC policy's returns: the first updates train the critic alone
         self.critic_warmup_steps = critic_warmup_steps
+        if bc_kl_coef < 0:
+            raise ValueError(f"policy.bc_kl_coef={bc_kl_coef}: a weight, 0 (off) or more")
+        self.bc_kl_coef = bc_kl_coef
         if freeze_encoder:  # FLaRe: the pretrained visual encoder stays as it is
             self.encoder.frozen = True
             self.encoder._apply_freeze()
@@ -72,6 +77,12 @@ class PPO(BCTransformer):
         width = (self.critic_trunk or self.trunk).out_dim
         d_model = hp.get("d_model", 128)
         self.value_head = nn.Sequential(nn.Linear(width, d_model), nn.GELU(), nn.Linear(d_model, 1))
+        if bc_kl_coef > 0:  # a frozen copy of the actor as init_from loaded it (set_reference), kept in checkpoints
+            self.reference_trunk = copy.deepcopy(self.trunk).requires_grad_(False)
+            self.reference_head = copy.deepcopy(self.head).requires_grad_(False)
+            self.register_buffer("reference_log_std", torch.full((self.action_dim,), float(init_log_std))
+                                 if not self.discrete else torch.zeros(0))
+            self.register_buffer("reference_set", torch.tensor(False))
         self._training_hist: tuple = (None, None)  # the training envs' histories (online_batches)
         self._cycle: dict[str, Any] | None = None  # the update cycle in progress: its data and position
         self._approx_kl: float | None = None  # of the last minibatch (target_kl)
@@ -84,16 +95,43 @@ class PPO(BCTransformer):
     # --- the policy and value ------------------------------------------------------------------
     def distribution_and_value(self, obs: dict[str, torch.Tensor]) -> tuple[torch.distributions.Distribution, torch.Tensor]:
         """The action distribution at the last step of each window (normalized actions, or indices) and V."""
+        dist, value, _ = self._forward(obs)
+        return dist, value
+
+    def _forward(self, obs: dict[str, torch.Tensor]) -> tuple[torch.distributions.Distribution, torch.Tensor, tuple]:
+        """The distribution, V and the trunk inputs (encoder tokens, normalized state, instruction)."""
         tokens = self.encode_images(obs)  # shared by actor and critic (features, or a fine-tuned encoder)
-        state, lang = self.state_norm.normalize(obs["state"]), obs.get("lang")
-        z = self.trunk(tokens, state, lang)
-        first = self.head(z).view(len(z), self.horizon, self.out_per_step)[:, 0]  # BC's chunk: its first action
+        inputs = (tokens, self.state_norm.normalize(obs["state"]), obs.get("lang"))
+        z = self.trunk(*inputs)
+        dist = self._distribution(self.head(z), None if self.discrete else self.log_std)
+        value = self.value_head(self.critic_trunk(*inputs) if self.critic_trunk is not None else z)
+        return dist, value.squeeze(-1), inputs
+
+    def _distribution(self, head_out: torch.Tensor, log_std: torch.Tensor | None) -> torch.distributions.Distribution:
+        first = head_out.view(len(head_out), self.horizon, self.out_per_step)[:, 0]  # BC's chunk: its first action
         # no argument validation: a diverged update's NaN must reach the loss (StopOnNonFiniteLoss names the step)
         # or _sample's check, not fail inside torch.distributions
-        dist = Categorical(logits=first, validate_args=False) if self.discrete else \
-            Normal(first, self.log_std.exp().expand_as(first), validate_args=False)
-        value = self.value_head(self.critic_trunk(tokens, state, lang) if self.critic_trunk is not None else z)
-        return dist, value.squeeze(-1)
+        if self.discrete:
+            return Categorical(logits=first, validate_args=False)
+        return Normal(first, log_std.exp().expand_as(first), validate_args=False)
+
+    def set_reference(self) -> None:
+        """``bc_kl_coef``: the actor as it is now (init_from has just loaded the BC checkpoint) becomes the
+        reference the KL penalty holds the policy near."""
+        if self.bc_kl_coef == 0:
+            return
+        self.reference_trunk.load_state_dict(self.trunk.state_dict())
+        self.reference_head.load_state_dict(self.head.state_dict())
+        if not self.discrete:
+            self.reference_log_std.copy_(self.log_std.detach())
+        self.reference_set.fill_(True)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.bc_kl_coef > 0 and not bool(self.reference_set):
+            raise ToolkitError(f"policy.bc_kl_coef={self.bc_kl_coef} penalizes the KL to the policy that init_from "
+                               f"loaded, and this run has no init_from: set init_from=<BC checkpoint> or "
+                               f"policy.bc_kl_coef=0")
 
     def log_prob(self, dist: torch.distributions.Distribution, action: torch.Tensor) -> torch.Tensor:
         return dist.log_prob(action.long()) if self.discrete else dist.log_prob(action).sum(-1)
@@ -127,7 +165,7 @@ class PPO(BCTransformer):
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Clipped surrogate + (optionally clipped) value loss - entropy bonus, on one minibatch of
         ``obs`` windows, ``action`` (normalized, or indices), ``logprob``, ``value``, ``advantage``, ``ret``."""
-        dist, value = self.distribution_and_value(batch["obs"])
+        dist, value, inputs = self._forward(batch["obs"])
         logprob = self.log_prob(dist, batch["action"])
         logratio = logprob - batch["logprob"]
         ratio = logratio.exp()
@@ -142,6 +180,14 @@ class PPO(BCTransformer):
             value_loss = 0.5 * ((value - batch["ret"]) ** 2).mean()
         entropy = self.entropy(dist).mean()
         actor_loss = policy_loss - self.ent_coef * entropy
+        extra = {}
+        if self.bc_kl_coef > 0:  # KL(policy || BC policy) on the minibatch's states: a pull back to the checkpoint
+            with torch.no_grad():
+                reference = self._distribution(self.reference_head(self.reference_trunk(*inputs)),
+                                               None if self.discrete else self.reference_log_std)
+            bc_kl = kl_divergence(dist, reference)
+            extra["bc_kl"] = (bc_kl if self.discrete else bc_kl.sum(-1)).mean()
+            actor_loss = actor_loss + self.bc_kl_coef * extra["bc_kl"]
         if self._trainer is not None and self.trainer.global_step < self.critic_warmup_steps:
             actor_loss = actor_loss.detach()  # warm-up: the value loss alone has gradients
         with torch.no_grad():
@@ -150,7 +196,7 @@ class PPO(BCTransformer):
             spread = batch["advantage"].std() if len(adv) > 1 else adv.new_zeros(())  # before normalization
         return {"loss": actor_loss + self.vf_coef * value_loss,
                 "policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy,
-                "approx_kl": approx_kl, "clipfrac": clipfrac, "advantage_std": spread,
+                "approx_kl": approx_kl, "clipfrac": clipfrac, "advantage_std": spread, **extra,
                 **({} if self.discrete else {"action_std": self.log_std.detach().exp().mean()})}
 
     # --- rollouts: the data of one update cycle ------------------------------------------------
