@@ -19,6 +19,9 @@ from toolkit.exploration.terms import GoalReward
 
 SMALL_CRAFTER = {"_target_": "toolkit.envs.crafter.CrafterEnv", "area": [32, 32], "image_size": 32,
                  "max_episode_steps": 60, "reward": "none"}
+# the env of CRAFTER_PPO (its episodes' first states, for checking an evaluation)
+SMALL_CRAFTER_40 = {"_target_": "toolkit.envs.crafter.CrafterEnv", "area": [32, 32], "image_size": 40,
+                    "max_episode_steps": 30}
 # a few PPO updates on Crafter in a small world (fast world generation) at 40 px (RND's CNN needs 36) with short
 # episodes, two evaluation episodes
 CRAFTER_PPO = ["experiment=crafter_ppo", "env.area=[32,32]", "env.image_size=40", "env.max_episode_steps=30",
@@ -55,15 +58,75 @@ def test_a_suggested_goal_is_rewarded_on_the_step_that_achieves_it():
 
 
 def test_crafter_ppo_with_oracle_goals_and_rnd_end_to_end(tmp_path):
-    """train.py env=crafter policy=ppo goals=oracle intrinsic=rnd: trains, evaluates with rollouts (the Crafter
-    score and per-achievement rates), logs the goal and RND metrics and keeps them in the summary."""
-    run_train(*CRAFTER_PPO, "goals=oracle", "intrinsic=rnd", root=tmp_path)
+    """train.py env=crafter policy=ppo goals=oracle goals.condition=true intrinsic=rnd: trains, evaluates with
+    rollouts (the Crafter score and per-achievement rates), logs the goal and RND metrics and keeps them in the
+    summary; the policy is conditioned on the goals (an instruction embedding), and its checkpoint evaluates
+    with eval.py, acting on the oracle's goals for each state."""
+    from toolkit.eval import evaluate_checkpoint
+    from toolkit.policies.base import load_policy
+
+    run_train(*CRAFTER_PPO, "goals=oracle", "goals.condition=true", "intrinsic=rnd", root=tmp_path)
     summary = summary_of(tmp_path)
     assert summary["global_step"] == 4 and summary["env/steps"] == 32  # 2 cycles of 2 envs x 8 steps, 2 updates each
     assert {f"rollout/achievement/{a}" for a in ("collect_wood", "place_table", "eat_cow")} <= set(summary)
     assert 0.0 <= summary["rollout/crafter_score"] <= 100.0
     assert summary["goals/suggested_per_step"] > 0  # the oracle suggested goals at every step
     assert np.isfinite(summary["rnd/reward"]) and np.isfinite(summary["rnd/predictor_loss"])
+    assert load_policy(summary["last_checkpoint"]).language_conditioned  # it has an instruction token
+    out = evaluate_checkpoint(summary["last_checkpoint"], tmp_path / "eval", episodes=1, num_envs=1)
+    rows = json.loads(Path(out["out_dir"], "episodes.json").read_text())
+    assert rows[0]["instruction"] == ", ".join(OracleGoals().suggest(*first_state_text(SMALL_CRAFTER_40, out["first_seed"])))
+
+
+def first_state_text(env_cfg: dict, seed: int) -> tuple[str, dict]:
+    """The caption and goal context of an episode's first state (what a suggester reads)."""
+    from hydra.utils import instantiate
+
+    env = instantiate(env_cfg)
+    _, info = env.reset(seed=seed)
+    env.close()
+    return info["caption"], json.loads(info["goal_context"])
+
+
+def test_a_goal_conditioned_policy_reads_the_goals_of_each_state_in_training_and_evaluation():
+    """goals.condition: the training envs' instruction, and the evaluation rollouts', is the oracle's goals for
+    the state the policy acts in (joined with ", "; "no goal" when there are none), step after step."""
+    from toolkit.envs.rollout import run_rollouts
+    from toolkit.envs.vector import make_vector_env
+    from toolkit.exploration.terms import NO_GOALS, GoalInstructions
+
+    term = GoalReward(OracleGoals(), num_envs=1, condition=True)
+    stepper = EnvStepper(SMALL_CRAFTER, num_envs=1, seed=1, processes=False, reward_terms=[term])
+    stepper.observation()
+    env = stepper._envs.envs[0]
+    seen = set()
+    for _ in range(40):
+        info = env._info(env._counts)  # the current state's captions, read from the env itself
+        expected = ", ".join(OracleGoals().suggest(info["caption"], json.loads(info["goal_context"]))) or NO_GOALS
+        assert stepper.observation()["instruction"][0] == expected
+        seen.add(expected)
+        stepper.step(lambda obs, fresh: np.array([ACTION[wood_action(env)]]))
+    assert len(seen) > 1  # the goals changed on the way (collecting wood makes a table placeable)
+    stepper.close()
+
+    class Recorder:  # a policy that walks to trees and records what it was told
+        def __init__(self, env) -> None:
+            self.env, self.told = env, []
+
+        def reset(self, mask=None) -> None:
+            pass
+
+        def act(self, obs: dict) -> np.ndarray:
+            info = self.env._info(self.env._counts)
+            expected = ", ".join(OracleGoals().suggest(info["caption"], json.loads(info["goal_context"]))) or NO_GOALS
+            self.told.append((obs["instruction"][0], expected))
+            return np.array([ACTION[wood_action(self.env)]])
+
+    envs = make_vector_env({**SMALL_CRAFTER, "max_episode_steps": 25}, 1, processes=False)
+    recorder = Recorder(envs.envs[0])
+    run_rollouts(recorder, envs, num_episodes=2, seed=5, goals=GoalInstructions(OracleGoals(), 1))
+    envs.close()
+    assert len(recorder.told) == 50 and all(told == expected for told, expected in recorder.told)
 
 
 def test_crafter_ppo_with_language_model_goals_from_a_local_server(tmp_path, chat_server):  # noqa: F811

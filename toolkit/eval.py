@@ -262,6 +262,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, episodes: i
     """Roll out ``episodes`` episodes from seeds ``seed, seed + 1, ...``; writes ``episodes.csv``,
     ``episodes.json``, ``summary.json`` (and ``video.mp4``) into ``out_dir``; returns the summary."""
     from toolkit.envs.rollout import SimulatorCrash, run_rollouts
+    from toolkit.exploration.terms import GoalInstructions, build_suggester, conditions_on_goals
 
     if episodes < 1 or num_envs < 1:
         raise ToolkitError(f"--episodes {episodes} --envs {num_envs}: both must be at least 1")
@@ -272,9 +273,11 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, episodes: i
         if low < seed + episodes and seed < high:
             print(f"warning: evaluation seeds {seed}..{seed + episodes - 1} overlap the {what} seeds {low}..{high - 1} "
                   f"of {checkpoint}: those configurations are not unseen", file=sys.stderr)
+    goals = (policy.toolkit_cfg or {}).get("goals")  # a goal-conditioned policy acts on its suggester's goals
     try:
         with vector_envs(env_cfg, min(num_envs, episodes)) as envs:
-            res = run_rollouts(policy, envs, episodes, seeds, min(video, episodes))
+            instructions = GoalInstructions(build_suggester(goals), envs.num_envs) if conditions_on_goals(goals) else None
+            res = run_rollouts(policy, envs, episodes, seeds, min(video, episodes), instructions)
     except SimulatorCrash as crash:  # partial results would bias the rate: report, write nothing
         raise ToolkitError(f"evaluating {checkpoint}: {crash}; nothing written, run it again") from None
     out_dir = Path(out_dir)

@@ -138,6 +138,8 @@ class OnlineDataModule(L.LightningDataModule):
         return shape_meta, stats
 
     def has_instructions(self) -> bool:
+        if any(getattr(term, "condition", False) for term in self.reward_terms):  # goals.condition
+            return True
         env = make_env(self.env_cfg)
         try:
             env.reset(seed=self.seed)

@@ -30,12 +30,15 @@ class SimulatorCrash(RuntimeError):
         self.episode_of = episode_of  # the episode each env was running (-1: none)
 
 
-def run_rollouts(policy: Any, envs, num_episodes: int, seed: int | Sequence[int], video_episodes: int = 0) -> dict[str, Any]:
+def run_rollouts(policy: Any, envs, num_episodes: int, seed: int | Sequence[int], video_episodes: int = 0,
+                 goals: Any = None) -> dict[str, Any]:
     """Run ``num_episodes`` episodes of ``policy`` (anything with ``reset(mask)``/``act(obs)``).
 
     Episode ``k`` is reset with seed ``seed + k`` (or ``seed[k]`` for a list of seeds), so every evaluation
     sees the same configurations.
-    The policy sees each env's ``instruction()`` as ``obs["instruction"]``. Returns per-episode
+    The policy sees each env's ``instruction()`` as ``obs["instruction"]``, or with ``goals``
+    (``toolkit.exploration.terms.GoalInstructions``, a goal-conditioned policy) the goals suggested for each
+    env's current state, updated every step. Returns per-episode
     ``success``, ``return``, ``length``, ``instruction``, the frames of the first ``video_episodes``
     episodes, and the env steps/s; envs whose info has ``achievements`` (Crafter) add ``achievements`` (the
     names) and ``unlocked`` (``[episodes, names]``, what each episode unlocked). A dead simulator process raises
@@ -57,8 +60,12 @@ def run_rollouts(policy: Any, envs, num_episodes: int, seed: int | Sequence[int]
         episode_of[mask] = episodes
         next_episode += len(episodes)
         policy.reset(mask)
-        obs = reset_some(envs, mask, [seed_of(int(k)) for k in episodes], obs)
+        info: dict[str, Any] = {}
+        obs = reset_some(envs, mask, [seed_of(int(k)) for k in episodes], obs, info)
         update_instructions(envs, mask, instructions)
+        if goals is not None:
+            goals.update(mask, info)
+            instructions[:] = goals.texts()
         results["instruction"][episodes] = instructions[mask]
         return obs
 
@@ -83,6 +90,9 @@ def run_rollouts(policy: Any, envs, num_episodes: int, seed: int | Sequence[int]
                 results["success"][k] |= bool(info["success"][i])
             ended = active & (terminated | truncated)
             finished[episode_of[ended]] = True
+            if goals is not None:  # the goals of the states reached (an ended env's come with its reset)
+                goals.update(~(terminated | truncated), info)
+                instructions[:] = goals.texts()
             for i in np.flatnonzero(ended):
                 if episode_of[i] in frames and camera_key:
                     frames[episode_of[i]].append(obs[camera_key][i])
@@ -168,12 +178,17 @@ class RolloutCallback(L.Callback):
         video_episodes: int = 4,
         video_dir: str | None = None,
         at_start: bool = False,
+        goals: Any = None,
     ) -> None:
         """``at_start``: also evaluate the policy before its first update (the "before" of a fine-tuning run,
-        ``init_from``), logged at step 0 and kept in ``start`` (the run summary's ``rollout_at_start/*``)."""
+        ``init_from``), logged at step 0 and kept in ``start`` (the run summary's ``rollout_at_start/*``).
+        ``goals``: a ``goals=`` config with ``condition: true`` (a goal-conditioned policy): the policy acts on
+        the goals its suggester proposes for each state (train.py passes the run's); otherwise unused."""
         self.env_cfg, self.num_episodes, self.num_envs = env, num_episodes, num_envs
         self.seed, self.video_episodes, self.video_dir = seed, video_episodes, video_dir
         self.at_start = at_start
+        self.goals = goals
+        self._suggester = None  # built at the first evaluation (an LLM's cache then lasts the whole run)
         self._envs = None
         self.total_time_s = 0.0  # spent in rollouts, so train.py can report training speed alone
         self.start: dict[str, float] = {}
@@ -197,7 +212,8 @@ class RolloutCallback(L.Callback):
                 self._envs = make_vector_env(self.env_cfg, min(self.num_envs, len(todo)))
             try:
                 res = run_rollouts(policy, self._envs, len(todo), [self.seed + int(k) for k in todo],
-                                   self.video_episodes if len(todo) == out["mine"].sum() else 0)
+                                   self.video_episodes if len(todo) == out["mine"].sum() else 0,
+                                   self._goal_instructions(self._envs.num_envs))
                 finished = np.ones(len(todo), bool)
                 out["frames"], out["steps_per_s"] = res["frames"], res["steps_per_s"]
             except SimulatorCrash as crash:
@@ -221,6 +237,15 @@ class RolloutCallback(L.Callback):
                 out["unlocked"][todo[done]] = res["unlocked"][done]
             todo = todo[~finished]
         return out
+
+    def _goal_instructions(self, num_envs: int) -> Any:
+        from toolkit.exploration.terms import GoalInstructions, build_suggester, conditions_on_goals
+
+        if not conditions_on_goals(self.goals):
+            return None
+        if self._suggester is None:
+            self._suggester = build_suggester(self.goals)
+        return GoalInstructions(self._suggester, num_envs)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_start and trainer.global_step == 0:  # not again when a run resumes

@@ -94,7 +94,11 @@ class EnvStepper:
         """The current observations of every env (``instruction`` included)."""
         if self._envs is None:
             self._open()
-        return {**self._obs, "instruction": self._instructions.copy()}
+        instructions = self._instructions.copy()
+        for term in self.reward_terms:  # goals.condition: the goals suggested for each env's state
+            if getattr(term, "condition", False):
+                instructions = term.current.texts()
+        return {**self._obs, "instruction": instructions}
 
     # --- stepping ------------------------------------------------------------------------------
     def step(self, action_fn: Callable[[dict[str, Any], np.ndarray], np.ndarray]) -> dict[str, Any]:

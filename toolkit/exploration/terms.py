@@ -22,29 +22,45 @@ from toolkit.errors import ToolkitError
 
 log = logging.getLogger(__name__)
 
-# fields of the goals= config that belong to the reward rule, not to the suggester it instantiates
-GOAL_REWARD_FIELDS = ("threshold", "coef")
+# fields of the goals= config that belong to the reward rule and conditioning, not to the suggester it instantiates
+GOAL_REWARD_FIELDS = ("threshold", "coef", "condition")
+# the instruction of a goal-conditioned policy in a state with no suggested goal
+NO_GOALS = "no goal"
 
 
 def build_reward_terms(goals: Any, intrinsic: Any, num_envs: int) -> list[Any]:
     """The terms named by the ``goals=`` and ``intrinsic=`` configs (none when both are null). The suggester
     is checked here (an unreachable model server fails at start-up, not mid-run)."""
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    def plain(node: Any) -> dict[str, Any]:
-        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
 
     terms: list[Any] = []
     if goals:
-        goals = plain(goals)
-        rule = {k: goals.pop(k) for k in GOAL_REWARD_FIELDS if k in goals}
-        suggester = instantiate(goals)
-        suggester.check()
-        terms.append(GoalReward(suggester, num_envs, **rule))
+        rule = {k: v for k, v in _plain(goals).items() if k in GOAL_REWARD_FIELDS}
+        terms.append(GoalReward(build_suggester(goals), num_envs, **rule))
     if intrinsic:
-        terms.append(RNDReward(instantiate(plain(intrinsic))))
+        terms.append(RNDReward(instantiate(_plain(intrinsic))))
     return terms
+
+
+def _plain(node: Any) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+
+
+def build_suggester(goals: Any) -> Any:
+    """The suggester of a ``goals=`` config (its reward-rule fields left out), checked: an unreachable model
+    server fails here, at start-up."""
+    from hydra.utils import instantiate
+
+    suggester = instantiate({k: v for k, v in _plain(goals).items() if k not in GOAL_REWARD_FIELDS})
+    suggester.check()
+    return suggester
+
+
+def conditions_on_goals(goals: Any) -> bool:
+    """Whether a ``goals=`` config (or None) asks for a goal-conditioned policy (``goals.condition``)."""
+    return bool(goals) and bool(_plain(goals).get("condition", False))
 
 
 def _texts(info: dict[str, Any], key: str, i: int) -> str:
@@ -55,35 +71,57 @@ def _texts(info: dict[str, Any], key: str, i: int) -> str:
     return str(values[i] or "")
 
 
+class GoalInstructions:
+    """The goals suggested for each of ``num_envs`` envs' current state, kept up to date from the envs' infos
+    (their state captions); as text they are a goal-conditioned policy's instruction (ELLM's goal conditioning,
+    ``goals.condition``): the goals joined with ", " in the suggester's order, ``NO_GOALS`` when there are none."""
+
+    def __init__(self, suggester: Any, num_envs: int) -> None:
+        self.suggester = suggester
+        self.goals: list[list[str]] = [[] for _ in range(num_envs)]
+
+    def update(self, mask: np.ndarray, info: dict[str, Any]) -> None:
+        """New suggestions for the envs in ``mask``, from ``info`` (a vector env's, of a reset or a step)."""
+        for i in np.flatnonzero(mask):
+            context = json.loads(_texts(info, "goal_context", int(i)) or "{}")
+            self.goals[i] = self.suggester.suggest(_texts(info, "caption", int(i)), context)
+
+    def texts(self) -> np.ndarray:
+        """One instruction per env (an object array, as ``obs["instruction"]``)."""
+        out = np.empty(len(self.goals), dtype=object)
+        out[:] = [", ".join(g) if g else NO_GOALS for g in self.goals]
+        return out
+
+
 class GoalReward:
     """ELLM's goal reward for ``num_envs`` envs: goals suggested for each env's current state, rewarded when a
-    step's transition caption matches one (each goal at most once per episode)."""
+    step's transition caption matches one (each goal at most once per episode). ``condition``: the training
+    envs' instructions are those goals (``GoalInstructions``), for a policy conditioned on them."""
 
     def __init__(self, suggester: Any, num_envs: int, threshold: float = 0.99, coef: float = 1.0,
-                 embedder: Any = None) -> None:
+                 condition: bool = False, embedder: Any = None) -> None:
         from toolkit.exploration.ellm import ELLMReward
 
-        self.suggester, self.coef = suggester, coef
+        self.suggester, self.coef, self.condition = suggester, coef, condition
         self.rule = ELLMReward(embedder=embedder, threshold=threshold, num_envs=num_envs)  # and its counters
-        self.goals: list[list[str]] = [[] for _ in range(num_envs)]
+        self.current = GoalInstructions(suggester, num_envs)
         self.steps = 0
 
-    def _suggest(self, info: dict[str, Any], i: int) -> list[str]:
-        context = json.loads(_texts(info, "goal_context", i) or "{}")
-        return self.suggester.suggest(_texts(info, "caption", i), context)
+    @property
+    def goals(self) -> list[list[str]]:
+        return self.current.goals
 
     def on_reset(self, mask: np.ndarray, info: dict[str, Any]) -> None:
         for i in np.flatnonzero(mask):
             self.rule.reset(int(i))
-            self.goals[i] = self._suggest(info, int(i))
+        self.current.update(mask, info)
 
     def on_step(self, transition: dict[str, Any]) -> np.ndarray:
         info = transition["info"]
         ended = transition["terminated"] | transition["truncated"]
         achieved = [[g for g in _texts(info, "transition", i).split(", ") if g] for i in range(len(ended))]
         reward = self.rule.rewards(achieved, self.goals)  # goals suggested for the states before the step
-        for i in np.flatnonzero(~ended):  # an ended env's next goals come with its next episode's first state (on_reset)
-            self.goals[i] = self._suggest(info, int(i))
+        self.current.update(~ended, info)  # an ended env's next goals come with its next episode's first state (on_reset)
         self.steps += len(ended)
         return self.coef * reward
 
