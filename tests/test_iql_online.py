@@ -353,3 +353,37 @@ def test_training_episodes_with_a_dense_reward_go_on_after_success(reward, env_s
     dm = OnlineDataModule(env, num_envs=1, terminate_on_success=forced)
     assert dm.stepper.env_cfg["terminate_on_success"] is expected and dm.env_cfg is env
     assert training_env({"_target_": "bandit_env.BanditEnv"}, None) == {"_target_": "bandit_env.BanditEnv"}
+
+
+@pytest.mark.parametrize("discrete", [True, False], ids=["discrete", "continuous"])
+def test_evaluation_can_act_with_the_exploring_policy_reproducibly(discrete):
+    """``deterministic_eval=False`` (``eval.py --sample``): act() draws from the policy the training envs explore
+    with (categorical samples; the mean + exploration_noise), the same draws at every evaluation, the training
+    RNG untouched; True: the actor's mode."""
+    from toolkit.datamodules.online import OnlineDataModule
+
+    env = {"_target_": "bandit_env.BanditEnv", "discrete": discrete, "num_contexts": 3}
+    dm = OnlineDataModule(env, num_envs=1, seed=0)
+    kwargs = {"action_type": "discrete", "num_actions": 3} if discrete else {}
+    policy = make_policy(dm, history=1, deterministic_eval=False, exploration_noise=0.1, **kwargs).eval()
+    states = np.tile(np.eye(3, 4, dtype=np.float32)[:1], (256, 1))  # one context, 256 envs
+
+    def evaluate() -> np.ndarray:
+        policy.reset()
+        return policy.act({"state": states})
+
+    before = torch.get_rng_state()
+    first, second = evaluate(), evaluate()
+    assert torch.equal(torch.get_rng_state(), before)
+    np.testing.assert_array_equal(first, second)
+    with torch.no_grad():
+        out = policy.actor(policy.features({"state": torch.as_tensor(states[:1])[:, None]}, None))[0]
+    if discrete:  # frequencies follow the actor's softmax
+        freq = np.bincount(first[:, 0].astype(int), minlength=3) / len(first)
+        np.testing.assert_allclose(freq, torch.softmax(out, -1).numpy(), atol=0.1)
+    else:  # normalized draws spread around the mean with std exploration_noise
+        z = (policy.action_norm.normalize(torch.as_tensor(first)) - out) / 0.1
+        assert abs(float(z.mean())) < 0.2 and 0.8 < float(z.std()) < 1.2
+    policy.deterministic_eval = True
+    policy.reset()
+    assert len(np.unique(policy.act({"state": states}), axis=0)) == 1

@@ -258,9 +258,10 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, episodes: int = 50, num_envs: int = 2,
                         seed: int = DEFAULT_SEED, video: int = 0, env_overrides: dict[str, Any] | None = None,
-                        trust_pickled_code: bool = False, device: str = "cpu") -> dict[str, Any]:
+                        trust_pickled_code: bool = False, device: str = "cpu", sample: bool = False) -> dict[str, Any]:
     """Roll out ``episodes`` episodes from seeds ``seed, seed + 1, ...``; writes ``episodes.csv``,
-    ``episodes.json``, ``summary.json`` (and ``video.mp4``) into ``out_dir``; returns the summary."""
+    ``episodes.json``, ``summary.json`` (and ``video.mp4``) into ``out_dir``; returns the summary. ``sample``:
+    act with the policy's stochastic policy as in online training (``deterministic_eval=False``), not its mode."""
     from toolkit.envs.rollout import SimulatorCrash, run_rollouts
     from toolkit.exploration.terms import GoalInstructions, build_suggester, conditions_on_goals
 
@@ -268,6 +269,11 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, episodes: i
         raise ToolkitError(f"--episodes {episodes} --envs {num_envs}: both must be at least 1")
     start = time.perf_counter()
     policy, env_cfg = load_for_eval(checkpoint, env_overrides, trust_pickled_code, device)
+    if sample:
+        if not hasattr(policy, "deterministic_eval"):
+            raise ToolkitError(f"--sample: {checkpoint} is a {type(policy).__name__}, which acts with one action per "
+                               f"state; sampling is for the online policies (PPO, online IQL)")
+        policy.deterministic_eval = False
     seeds = list(range(seed, seed + episodes))
     for what, low, high in seen_seed_ranges(policy.toolkit_cfg or {}):
         if low < seed + episodes and seed < high:
@@ -285,7 +291,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, episodes: i
     write_episodes(out_dir, rows)
     summary = {"checkpoint": str(checkpoint), "policy": (policy.toolkit_cfg or {}).get("policy", {}).get("_target_"),
                "env": env_cfg, "env_overrides": env_overrides or {},
-               "first_seed": seed, "last_seed": seed + episodes - 1,
+               "first_seed": seed, "last_seed": seed + episodes - 1, "sampled": sample,
                **summarize(rows, res), "wall_time_s": time.perf_counter() - start, "video": None,
                "out_dir": str(out_dir)}
     if video and res["frames"]:
@@ -448,6 +454,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="output dir (default: <run dir>/eval/<checkpoint name>/ per checkpoint)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="torch device of the policy (default cpu)")
+    parser.add_argument("--sample", action="store_true",
+                        help="online policies (PPO, online IQL): act with samples of the policy, as the training "
+                             "envs do, instead of its mode (results go to an eval dir tagged 'sampled')")
     parser.add_argument("--trust-pickled-code", action="store_true",
                         help="load a checkpoint that pickles code (or names classes outside the toolkit): runs it")
     args = parser.parse_args(argv)
@@ -456,6 +465,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         overrides = parse_env_overrides(args.env)
         targets = find_targets(args.paths, args.which)
         env_tag = _slug("_".join(f"{k.lstrip('+')}={v}" for k, v in overrides.items()))[:80] if overrides else ""
+        if args.sample:
+            env_tag = f"{env_tag}_sampled" if env_tag else "sampled"
         dirs = out_dirs(targets, args.out, env_tag)
         if args.threads:
             import torch
@@ -464,7 +475,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for target, out_dir in zip(targets, dirs):
             print(f"evaluating {target.checkpoint} ({args.episodes} episodes from seed {args.seed})")
             summary = evaluate_checkpoint(target.checkpoint, out_dir, args.episodes, args.envs, args.seed, args.video,
-                                          overrides, args.trust_pickled_code, args.device)
+                                          overrides, args.trust_pickled_code, args.device, args.sample)
             rows.append(summary_row(target, summary))
     print_table(rows)
     where = summary_dir(targets, dirs, args.out, args.paths)

@@ -144,11 +144,23 @@ class PolicyModule(L.LightningModule):
 
     # --- rollouts -------------------------------------------------------------------------------
     def reset(self, mask: np.ndarray | None = None) -> None:
-        """Forget the observation history of the envs in ``mask`` (all envs if None)."""
+        """Forget the observation history of the envs in ``mask`` (all envs if None: an evaluation starts, and
+        a policy that samples in evaluation draws the same stream again, see ``eval_generator``)."""
+        if mask is None:
+            self._eval_rng = None
         if mask is None or self._seen is None:
             self._hist, self._seen = None, None
         else:
             self._seen[torch.as_tensor(mask, dtype=torch.bool)] = 0
+
+    def eval_generator(self) -> torch.Generator:
+        """For policies that sample their actions in evaluation (``deterministic_eval=False``): a generator of
+        their own on the module's device, seeded 0 at every evaluation's start (``reset()``), so the same
+        weights give the same episodes and the training RNG stays untouched."""
+        rng = getattr(self, "_eval_rng", None)
+        if rng is None or rng.device != self.device:  # new evaluation, or moved: start the stream anew
+            rng = self._eval_rng = torch.Generator(self.device).manual_seed(0)
+        return rng
 
     def caches_features(self) -> bool:
         """Rollouts keep each step's encoder features instead of its frames (a frozen encoder gives the same

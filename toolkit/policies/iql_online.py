@@ -178,6 +178,7 @@ class IQLOnline(IQLPolicy):
         env_steps_per_update: int = 8,
         updates_per_cycle: int = 32,
         exploration_noise: float = 0.1,
+        deterministic_eval: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -189,6 +190,9 @@ class IQLOnline(IQLPolicy):
         self.batch_size, self.offline_ratio = batch_size, offline_ratio
         self.env_steps_per_update, self.updates_per_cycle = env_steps_per_update, updates_per_cycle
         self.exploration_noise = exploration_noise
+        # act() (evaluation rollouts, eval.py): the actor's mode (True), or the exploring policy of the training
+        # envs (False: categorical samples, the Gaussian head's samples or the mean + exploration_noise)
+        self.deterministic_eval = deterministic_eval
         self.replay: ReplayBuffer | None = None  # built on the first cycle (make_replay_buffer)
         self._train_hist: tuple | None = None  # the training envs' histories, kept apart from evaluation rollouts'
         self._lang_cache: dict[str, torch.Tensor] = {}
@@ -282,6 +286,19 @@ class IQLOnline(IQLPolicy):
         if new:
             self._lang_cache.update(zip(new, self._instruction_embedding({"instruction": np.asarray(new, object)})))
         return torch.stack([self._lang_cache[t] for t in texts]).to(self.device)
+
+    def predict(self, obs: dict[str, torch.Tensor], obs_is_pad: torch.Tensor) -> torch.Tensor:
+        """For act(): the actor's mode, or (``deterministic_eval=False``) a sample of the exploring policy, drawn
+        from ``eval_generator()``; normalized ``[B, H, A]`` (discrete: indices ``[B, H, 1]``)."""
+        if self.deterministic_eval:
+            return super().predict(obs, obs_is_pad)
+        out = self.actor(self.features(obs, obs.get("lang")))
+        if self.discrete:
+            action = torch.multinomial(torch.softmax(out, -1), 1, generator=self.eval_generator()).float()
+        else:
+            std = self.log_std.clamp(-5.0, 2.0).exp() if self.actor_head == "gaussian" else self.exploration_noise
+            action = out + std * torch.randn(out.shape, generator=self.eval_generator(), device=self.device)
+        return action[:, None].expand(-1, self.horizon, -1)
 
     @torch.no_grad()
     def _explore(self, obs: dict[str, Any], fresh: np.ndarray, step: dict[str, Any]) -> np.ndarray:

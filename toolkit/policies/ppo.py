@@ -87,10 +87,8 @@ class PPO(BCTransformer):
         self._cycle: dict[str, Any] | None = None  # the update cycle in progress: its data and position
         self._approx_kl: float | None = None  # of the last minibatch (target_kl)
         # act() (evaluation rollouts, load_policy): the distribution's mean / most likely action (True, SB3's
-        # deterministic evaluation), or a sample as in training (False), drawn from its own generator, reseeded
-        # at every evaluation's start: the same episodes for the same weights, and the training RNG untouched
+        # deterministic evaluation), or a sample as in training (False, drawn from eval_generator())
         self.deterministic_eval = deterministic_eval
-        self._eval_rng = self._seeded_eval_rng()
 
     # --- the policy and value ------------------------------------------------------------------
     def distribution_and_value(self, obs: dict[str, torch.Tensor]) -> tuple[torch.distributions.Distribution, torch.Tensor]:
@@ -145,21 +143,10 @@ class PPO(BCTransformer):
         if self.deterministic_eval:
             return super().predict(obs, obs_is_pad)
         dist, _ = self.distribution_and_value(obs)
-        if self._eval_rng.device != self.device:  # moved since the last reset(): start the stream anew on its device
-            self._eval_rng = self._seeded_eval_rng()
         if self.discrete:
-            return torch.multinomial(dist.probs, 1, generator=self._eval_rng).float()[:, None]
-        noise = torch.randn(dist.mean.shape, generator=self._eval_rng, device=self.device)
+            return torch.multinomial(dist.probs, 1, generator=self.eval_generator()).float()[:, None]
+        noise = torch.randn(dist.mean.shape, generator=self.eval_generator(), device=self.device)
         return (dist.mean + dist.stddev * noise)[:, None]
-
-    def reset(self, mask: np.ndarray | None = None) -> None:
-        super().reset(mask)
-        if mask is None:  # an evaluation starts (training's envs reset by mask)
-            self._eval_rng = self._seeded_eval_rng()
-
-    def _seeded_eval_rng(self) -> torch.Generator:
-        """A generator on the module's device with seed 0: every evaluation draws the same stream."""
-        return torch.Generator(self.device).manual_seed(0)
 
     # --- the loss ------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
