@@ -116,6 +116,27 @@ def test_an_env_that_does_not_fit_the_checkpoint_is_refused(sweep, capsys):
     assert "no field 'imagesize'" in line and "image_size" in line
 
 
+def test_sample_evaluates_an_online_policy_as_it_acts_in_training_and_refuses_bc(sweep, tmp_path, capsys):
+    """``--sample``: a PPO checkpoint acts with samples of its policy (reproducibly: the same episodes twice), into
+    its own ``_sampled`` dir; a BC checkpoint has no stochastic policy and is refused by name."""
+    run_train("policy=ppo", "env=none", "+env._target_=bandit_env.BanditEnv", "+env.discrete=false",
+              "data.num_envs=2", "policy.n_steps=8", "data.batch_size=8", "policy.n_epochs=1", "trainer.max_steps=2",
+              "callbacks.rollout=null", "callbacks.best_checkpoint=null", "num_threads=1", root=tmp_path)
+    (ckpt,) = Path(tmp_path, "logs", "debug", "runs").glob("*/checkpoints/last.ckpt")
+    torch.load(ckpt, weights_only=True)  # plain data only (the action bounds were numpy scalars once): resumable
+    args = [str(ckpt), "--episodes", "40", "--envs", "2", "--trust-pickled-code"]  # (the test env's class)
+    main([*args, "--sample"])
+    out = ckpt.parent.parent / "eval" / "last_sampled"
+    first = json.loads((out / "episodes.json").read_text())
+    assert json.loads((out / "summary.json").read_text())["sampled"] is True
+    main([*args, "--sample"])
+    assert json.loads((out / "episodes.json").read_text()) == first
+    main(args)  # the mode: its own dir, not marked sampled
+    assert json.loads((ckpt.parent.parent / "eval" / "last" / "summary.json").read_text())["sampled"] is False
+    line = fails_with([str(sweep / "0" / "checkpoints" / "last.ckpt"), "--episodes", "1", "--sample"], capsys)
+    assert "--sample" in line and "BCTransformer" in line
+
+
 def test_what_is_not_a_checkpoint_is_refused(tmp_path, capsys):
     notes = tmp_path / "notes.ckpt"
     notes.write_text("not a checkpoint\n")

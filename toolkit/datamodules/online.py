@@ -129,8 +129,9 @@ class OnlineDataModule(L.LightningDataModule):
             action_dim, low, high, mean, std = 1, [0.0], [float(act.n - 1)], [0.0], [1.0]
         else:
             low, high = act.low.astype(float), act.high.astype(float)
-            action_dim, mean, std = len(low), list((high + low) / 2), list((high - low) / 2)
-            low, high = list(low), list(high)
+            # Python floats (tolist), not numpy scalars: checkpoints keep these and load with weights_only=True
+            action_dim, mean, std = len(low), ((high + low) / 2).tolist(), ((high - low) / 2).tolist()
+            low, high = low.tolist(), high.tolist()
         shape_meta = {"rgb_keys": rgb, "image_shape": {k: list(spaces[k].shape) for k in rgb},
                       "state_dim": state_dim, "action_dim": action_dim}
         stats = {"obs/state": {"mean": [0.0] * state_dim, "std": [1.0] * state_dim},
