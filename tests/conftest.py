@@ -45,3 +45,21 @@ def run_train(*overrides: str, root: Path, timeout: int = 300, check: bool = Tru
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def sample_twice(policy, states) -> "np.ndarray":
+    """``policy.act`` on the same states in two evaluations (``reset()`` before each) with sampling on: the same
+    draws both times, and torch's global RNG (training's) untouched. Returns the draws."""
+    import numpy as np
+    import torch
+
+    def evaluate():
+        policy.reset()
+        return policy.act({"state": states})
+
+    before = torch.get_rng_state()
+    first, second = evaluate(), evaluate()
+    assert torch.equal(torch.get_rng_state(), before)
+    np.testing.assert_array_equal(first, second)
+    return first
+

@@ -14,7 +14,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, run_train
+from conftest import ROOT, run_train, sample_twice
 from toolkit.encoders.impala import ImpalaEncoder
 from toolkit.errors import ToolkitError
 from toolkit.policies.iql_online import IQLOnline, ReplayBuffer
@@ -367,15 +367,7 @@ def test_evaluation_can_act_with_the_exploring_policy_reproducibly(discrete):
     kwargs = {"action_type": "discrete", "num_actions": 3} if discrete else {}
     policy = make_policy(dm, history=1, deterministic_eval=False, exploration_noise=0.1, **kwargs).eval()
     states = np.tile(np.eye(3, 4, dtype=np.float32)[:1], (256, 1))  # one context, 256 envs
-
-    def evaluate() -> np.ndarray:
-        policy.reset()
-        return policy.act({"state": states})
-
-    before = torch.get_rng_state()
-    first, second = evaluate(), evaluate()
-    assert torch.equal(torch.get_rng_state(), before)
-    np.testing.assert_array_equal(first, second)
+    first = sample_twice(policy, states)
     with torch.no_grad():
         out = policy.actor(policy.features({"state": torch.as_tensor(states[:1])[:, None]}, None))[0]
     if discrete:  # frequencies follow the actor's softmax
