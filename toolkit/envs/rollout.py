@@ -183,7 +183,8 @@ class RolloutCallback(L.Callback):
         """``at_start``: also evaluate the policy before its first update (the "before" of a fine-tuning run,
         ``init_from``), logged at step 0 and kept in ``start`` (the run summary's ``rollout_at_start/*``).
         ``goals``: a ``goals=`` config with ``condition: true`` (a goal-conditioned policy): the policy acts on
-        the goals its suggester proposes for each state (train.py passes the run's); otherwise unused."""
+        the goals its suggester proposes for each state (conf/callbacks/default.yaml passes the run's goals=);
+        otherwise unused."""
         self.env_cfg, self.num_episodes, self.num_envs = env, num_episodes, num_envs
         self.seed, self.video_episodes, self.video_dir = seed, video_episodes, video_dir
         self.at_start = at_start
