@@ -7,13 +7,15 @@ with the BC transformer, trained on exactly ``--train-demos`` training episodes 
 after the datamodule's split, every tenth episode to validation, that many are left for training) and evaluated on
 ``--episodes`` unseen episodes (seeds 1,000,000+) with the policy's most likely action:
 
-- ``defaults``: as a new user runs it (action chunk 4, random shift of up to 4 px, the 64 px top view);
-- ``h1_noaug``: one action per step (``data.horizon=1``), no random shift (``policy.augment_shift=0``);
+- ``chunk4_shift4``: the settings every env had before BabyAI got its own defaults (action chunk 4, random shift of
+  up to 4 px, i.e. half a grid cell, on the 64 px top view); the issue's first runs;
+- ``h1_noaug``: BabyAI's defaults (``env_defaults`` in conf/env/babyai.yaml): one action per step
+  (``data.horizon=1``), no random shift (``policy.augment_shift=0``), given explicitly so a run does not depend on them;
 - ``h1_noaug_symbolic``: as ``h1_noaug`` plus minigrid's egocentric 7x7 symbolic view in the state
   (``env.symbolic=true``, the view the paper's models see).
 
     python bench/babyai_imitation.py [--root DIR] [--level GoToRedBall] [--train-demos 5000] [--steps 8000]
-        [--seeds 0 1 2] [--variants defaults h1_noaug h1_noaug_symbolic] [--episodes 200]
+        [--seeds 0 1 2] [--variants chunk4_shift4 h1_noaug h1_noaug_symbolic] [--episodes 200]
 
 Finished runs are reused (bench/online_finetune.py's ``run``). Prints a markdown table and writes it to
 ``bench/results/babyai_imitation.md`` (``--out``).
@@ -29,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from online_finetune import ROOT, fmt, last, run, write_table  # noqa: E402
 
 VARIANTS = {
-    "defaults": ("defaults (action chunk 4, random shift 4 px, 64 px top view)", []),
-    "h1_noaug": ("action chunk 1, no random shift", ["data.horizon=1", "policy.augment_shift=0"]),
+    "chunk4_shift4": ("action chunk 4, random shift 4 px (the earlier defaults)",
+                      ["data.horizon=4", "policy.augment_shift=4"]),
+    "h1_noaug": ("action chunk 1, no random shift (BabyAI's defaults)", ["data.horizon=1", "policy.augment_shift=0"]),
     "h1_noaug_symbolic": ("action chunk 1, no random shift, + egocentric 7x7 symbolic view",
                           ["data.horizon=1", "policy.augment_shift=0", "env.symbolic=true"]),
 }

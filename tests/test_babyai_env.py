@@ -299,3 +299,22 @@ def test_a_symbolic_file_trains_policies_on_the_grid(tmp_path):
         demo = f["data"]["demo_0"]
         np.testing.assert_array_equal(demo["obs"]["state"][:, 4:],
                                       np.stack([symbolic_one_hot(g) for g in demo["obs"]["grid"][:]]))
+
+
+def test_babyai_has_its_own_imitation_defaults_and_the_command_line_wins():
+    """env=babyai trains one action per step without random shift (bench/babyai_imitation.py); other envs keep an
+    action chunk of 4 and a 4 px shift; a value given on the command line overrides the env's."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+
+    def settings(*overrides: str) -> tuple[int, int, int]:
+        cfg = compose("train", overrides=list(overrides))
+        return cfg.data.horizon, cfg.policy.horizon, cfg.policy.augment_shift
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        assert settings("env=babyai") == (1, 1, 0)
+        assert settings("env=babyai", "policy=iql") == (1, 1, 0)
+        assert settings("env=babyai", "policy=dagger") == (1, 1, 0)
+        assert settings() == (4, 4, 4)  # Meta-World
+        assert settings("env=babyai", "data.horizon=4", "policy.augment_shift=2") == (4, 4, 2)

@@ -32,7 +32,7 @@ def test_babyai_imitation_variants_compose_to_the_settings_they_name(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    expected = {"defaults": (4, 4, False), "h1_noaug": (1, 0, False), "h1_noaug_symbolic": (1, 0, True)}
+    expected = {"chunk4_shift4": (4, 4, False), "h1_noaug": (1, 0, False), "h1_noaug_symbolic": (1, 0, True)}
     assert set(VARIANTS) == set(expected)
     for variant, (horizon, shift, symbolic) in expected.items():
         GlobalHydra.instance().clear()

@@ -1,0 +1,116 @@
+"""Why a BabyAI imitation policy fails (issue 16): its episodes replayed beside the bot, the failures described.
+
+The policy acts alone (its most likely action) on the validation rollouts' episodes (seeds 1,000,000..). At every
+step the bot is asked what it would do from the state the policy reached (``expert_action``, replanned from the
+executed action, as DAgger labels states), without acting. For each checkpoint it prints how often the policy's
+action differs from the bot's, in successful and in failed episodes, and for each failed episode: its first
+disagreement (step, the policy's action, the bot's), whether the target was in the 7x7 view then, the longest run
+of steps in which the agent neither moved nor turned, and the actions it took most. ``--sample`` acts with
+samples of the policy's categorical instead (seeded per episode): whether randomness alone gets it out of its loops.
+
+    python bench/babyai_failures.py CKPT [CKPT ...] [--episodes 200] [--seed 1000000] [--sample]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from toolkit.envs.babyai import BabyAIEnv  # noqa: E402
+from toolkit.eval import load_for_eval  # noqa: E402
+
+ACTIONS = ["left", "right", "forward", "pickup", "drop", "toggle", "done"]
+
+
+def target_in_view(env: BabyAIEnv) -> bool:
+    """Whether an object the mission names is in the agent's 7x7 egocentric view now."""
+    inner = env._env  # the level itself: its instruction's object descriptions and the agent's view
+    descs = [d for d in (getattr(env._env.instrs, "desc", None),) if d is not None]
+    cells = {tuple(map(int, pos)) for desc in descs for pos in desc.obj_poss}
+    return any(inner.in_view(x, y) for x, y in cells)
+
+
+def sampled_action(policy, obs: dict, generator: torch.Generator) -> int:
+    """An action drawn from the BC transformer's categorical (its first step), not its most likely one."""
+    hist, _ = policy.observe(obs)
+    lang = policy._instruction_embedding(obs)
+    with torch.no_grad():
+        logits = policy.eval().forward_head(hist if lang is None else {**hist, "lang": lang})[0, 0]
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+def replay(policy, env: BabyAIEnv, seed: int, sample: bool = False) -> dict:
+    """One episode of ``policy`` in ``env`` with the bot's advice recorded beside each action."""
+    obs, _ = env.reset(seed=seed)
+    policy.reset()
+    generator = torch.Generator().manual_seed(seed)
+    rows, success = [], False
+    while True:
+        pose = (tuple(int(v) for v in env._env.agent_pos), int(env._env.agent_dir))
+        expert = int(env.expert_action()[0])
+        in_view = target_in_view(env)
+        batch = {k: v[None] for k, v in obs.items()} | {"instruction": [env.instruction()]}
+        action = sampled_action(policy, batch, generator) if sample else int(policy.act(batch)[0, 0])
+        obs, _, terminated, truncated, info = env.step(np.array([action]))
+        moved = pose != (tuple(int(v) for v in env._env.agent_pos), int(env._env.agent_dir))
+        rows.append((action, expert, in_view, moved))
+        success |= bool(info["success"])
+        if terminated or truncated:
+            return {"seed": seed, "success": success, "steps": rows}
+
+
+def longest_still_run(steps: list[tuple]) -> int:
+    best = run = 0
+    for *_, moved in steps:
+        run = 0 if moved else run + 1
+        best = max(best, run)
+    return best
+
+
+def describe(checkpoint: str, episodes: int, seed: int, sample: bool = False) -> list[str]:
+    policy, env_cfg = load_for_eval(checkpoint)
+    env = BabyAIEnv(**{k: v for k, v in env_cfg.items() if k != "_target_"})
+    results = [replay(policy, env, seed + k, sample) for k in range(episodes)]
+    env.close()
+    failed = [r for r in results if not r["success"]]
+
+    def disagreement(rs: list[dict]) -> str:
+        steps = [s for r in rs for s in r["steps"]]
+        return f"{np.mean([a != e for a, e, *_ in steps]):.1%} of {len(steps)} steps" if steps else "-"
+
+    lines = [f"### {checkpoint}" + (" (actions sampled)" if sample else ""), "",
+             f"success {len(results) - len(failed)}/{len(results)}; actions that differ from the bot's: "
+             f"{disagreement([r for r in results if r['success']])} in successful episodes, "
+             f"{disagreement(failed)} in failed ones", ""]
+    if failed:
+        lines += ["| seed | steps | first disagreement: step, policy / bot | target in view then | longest still run | "
+                  "actions taken |", "|---|---|---|---|---|---|"]
+        for r in failed:
+            steps = r["steps"]
+            first = next((t for t, (a, e, *_) in enumerate(steps) if a != e), None)
+            where = "none" if first is None else f"{first}, {ACTIONS[steps[first][0]]} / {ACTIONS[steps[first][1]]}"
+            seen = "-" if first is None else ("yes" if steps[first][2] else "no")
+            taken = ", ".join(f"{ACTIONS[a]} {n}" for a, n in Counter(a for a, *_ in steps).most_common(3))
+            lines.append(f"| {r['seed']} | {len(steps)} | {where} | {seen} | {longest_still_run(steps)} | {taken} |")
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("--episodes", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1_000_000, help="the validation rollouts' first seed")
+    parser.add_argument("--sample", action="store_true", help="act with samples of the policy's categorical")
+    args = parser.parse_args()
+    for checkpoint in args.checkpoints:
+        print("\n".join(describe(checkpoint, args.episodes, args.seed, args.sample)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
