@@ -27,18 +27,20 @@ def test_babyai_imitation_trains_on_the_papers_number_of_training_demos(train_de
 
 
 def test_babyai_imitation_variants_compose_to_the_settings_they_name(tmp_path):
-    """Each variant's overrides give the train.py config its row claims (level, demos, chunk, shift, view)."""
+    """Each variant's overrides give the train.py config its row claims (level, demos, chunk, shift, view, history)."""
     from babyai_imitation import VARIANTS, overrides
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    expected = {"chunk4_shift4": (4, 4, False), "h1_noaug": (1, 0, False), "h1_noaug_symbolic": (1, 0, True)}
+    expected = {"chunk4_shift4": (4, 4, False, 2), "h1_noaug": (1, 0, False, 2), "h1_noaug_symbolic": (1, 0, True, 2),
+                "h1_noaug_symbolic_hist4": (1, 0, True, 4)}
     assert set(VARIANTS) == set(expected)
-    for variant, (horizon, shift, symbolic) in expected.items():
+    for variant, (horizon, shift, symbolic, history) in expected.items():
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             cfg = compose("train", overrides=overrides("GoToRedBall", 5000, 8000, 200, variant, 1))
         assert cfg.env.level == "GoToRedBall" and cfg.data.num_demos == 5556 and cfg.seed == 1
         assert (cfg.data.horizon, cfg.policy.augment_shift, cfg.env.symbolic) == (horizon, shift, symbolic)
+        assert cfg.data.history == cfg.policy.history == history
         assert cfg.trainer.max_steps == 8000 and cfg.callbacks.rollout.num_episodes == 200
         assert cfg.policy._target_.endswith("BCTransformer")
