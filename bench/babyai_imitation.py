@@ -14,7 +14,7 @@ after the datamodule's split, every tenth episode to validation, that many are l
 - ``h1_noaug_symbolic``: as ``h1_noaug`` plus minigrid's egocentric 7x7 symbolic view in the state
   (``env.symbolic=true``, the view the paper's models see);
 - ``h1_noaug_symbolic_hist4``: as ``h1_noaug_symbolic`` with 4 steps of history instead of 2 (some memory: the failures
-  of the 2-step policy are cycles, see ``bench/babyai_failures.py``); measured so far with ``--steps 3000``, seed 0.
+  of the 2-step policy are cycles, see ``bench/babyai_failures.py``); measured so far with ``--steps 3000``, seeds 0 and 1.
 
     python bench/babyai_imitation.py [--root DIR] [--level GoToRedBall] [--train-demos 5000] [--steps 8000]
         [--seeds 0 1 2] [--variants chunk4_shift4 h1_noaug h1_noaug_symbolic h1_noaug_symbolic_hist4] [--episodes 200]
