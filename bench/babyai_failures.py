@@ -22,18 +22,22 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from toolkit.envs.babyai import BabyAIEnv  # noqa: E402
-from toolkit.eval import load_for_eval  # noqa: E402
+from minigrid.core.actions import Actions  # noqa: E402
 
-ACTIONS = ["left", "right", "forward", "pickup", "drop", "toggle", "done"]
+from toolkit.envs.babyai import BabyAIEnv  # noqa: E402
+from toolkit.envs.vector import make_env  # noqa: E402
+from toolkit.eval import load_for_eval  # noqa: E402
 
 
 def target_in_view(env: BabyAIEnv) -> bool:
     """Whether an object the mission names is in the agent's 7x7 egocentric view now."""
-    inner = env._env  # the level itself: its instruction's object descriptions and the agent's view
-    descs = [d for d in (getattr(env._env.instrs, "desc", None),) if d is not None]
-    cells = {tuple(map(int, pos)) for desc in descs for pos in desc.obj_poss}
-    return any(inner.in_view(x, y) for x, y in cells)
+    desc = getattr(env._env.instrs, "desc", None)  # the level's instruction: the objects it names, where they are
+    return desc is not None and any(env._env.in_view(int(x), int(y)) for x, y in desc.obj_poss)
+
+
+def pose(env: BabyAIEnv) -> tuple:
+    """The agent's cell and direction."""
+    return tuple(int(v) for v in env._env.agent_pos), int(env._env.agent_dir)
 
 
 def sampled_action(policy, obs: dict, generator: torch.Generator) -> int:
@@ -52,14 +56,13 @@ def replay(policy, env: BabyAIEnv, seed: int, sample: bool = False) -> dict:
     generator = torch.Generator().manual_seed(seed)
     rows, success = [], False
     while True:
-        pose = (tuple(int(v) for v in env._env.agent_pos), int(env._env.agent_dir))
+        before = pose(env)
         expert = int(env.expert_action()[0])
         in_view = target_in_view(env)
         batch = {k: v[None] for k, v in obs.items()} | {"instruction": [env.instruction()]}
         action = sampled_action(policy, batch, generator) if sample else int(policy.act(batch)[0, 0])
         obs, _, terminated, truncated, info = env.step(np.array([action]))
-        moved = pose != (tuple(int(v) for v in env._env.agent_pos), int(env._env.agent_dir))
-        rows.append((action, expert, in_view, moved))
+        rows.append((action, expert, in_view, pose(env) != before))
         success |= bool(info["success"])
         if terminated or truncated:
             return {"seed": seed, "success": success, "steps": rows}
@@ -75,7 +78,7 @@ def longest_still_run(steps: list[tuple]) -> int:
 
 def describe(checkpoint: str, episodes: int, seed: int, sample: bool = False) -> list[str]:
     policy, env_cfg = load_for_eval(checkpoint)
-    env = BabyAIEnv(**{k: v for k, v in env_cfg.items() if k != "_target_"})
+    env = make_env(env_cfg)
     results = [replay(policy, env, seed + k, sample) for k in range(episodes)]
     env.close()
     failed = [r for r in results if not r["success"]]
@@ -94,9 +97,9 @@ def describe(checkpoint: str, episodes: int, seed: int, sample: bool = False) ->
         for r in failed:
             steps = r["steps"]
             first = next((t for t, (a, e, *_) in enumerate(steps) if a != e), None)
-            where = "none" if first is None else f"{first}, {ACTIONS[steps[first][0]]} / {ACTIONS[steps[first][1]]}"
+            where = "none" if first is None else f"{first}, {Actions(steps[first][0]).name} / {Actions(steps[first][1]).name}"
             seen = "-" if first is None else ("yes" if steps[first][2] else "no")
-            taken = ", ".join(f"{ACTIONS[a]} {n}" for a, n in Counter(a for a, *_ in steps).most_common(3))
+            taken = ", ".join(f"{Actions(a).name} {n}" for a, n in Counter(a for a, *_ in steps).most_common(3))
             lines.append(f"| {r['seed']} | {len(steps)} | {where} | {seen} | {longest_still_run(steps)} | {taken} |")
     return lines + [""]
 
