@@ -14,10 +14,14 @@ after the datamodule's split, every tenth episode to validation, that many are l
 - ``h1_noaug_symbolic``: as ``h1_noaug`` plus minigrid's egocentric 7x7 symbolic view in the state
   (``env.symbolic=true``, the view the paper's models see);
 - ``h1_noaug_symbolic_hist4``: as ``h1_noaug_symbolic`` with 4 steps of history instead of 2 (some memory: the failures
-  of the 2-step policy are cycles, see ``bench/babyai_failures.py``); measured so far with ``--steps 3000``, seeds 0 and 1.
+  of the 2-step policy are cycles, see ``bench/babyai_failures.py``); measured so far with ``--steps 3000``, seeds 0 and 1;
+- ``symbolic_only``: the paper's input alone: the egocentric 7x7 symbolic view and the direction as the state, no
+  pixels (``data.obs_keys=[state]``), history of 2 steps;
+- ``symbolic_only_gru64``: as ``symbolic_only`` with whole-episode memory, as the paper's models (an LSTM):
+  ``policy.trunk=gru`` over a 64-step window (GoToRedBall episodes last at most 64 steps).
 
     python bench/babyai_imitation.py [--root DIR] [--level GoToRedBall] [--train-demos 5000] [--steps 8000]
-        [--seeds 0 1 2] [--variants chunk4_shift4 h1_noaug h1_noaug_symbolic h1_noaug_symbolic_hist4] [--episodes 200]
+        [--seeds 0 1 2] [--variants chunk4_shift4 h1_noaug h1_noaug_symbolic h1_noaug_symbolic_hist4 symbolic_only ...] [--episodes 200]
 
 Finished runs are reused (bench/online_finetune.py's ``run``). Prints a markdown table and writes it to
 ``bench/results/babyai_imitation.md`` (``--out``).
@@ -40,6 +44,11 @@ VARIANTS = {
                           ["data.horizon=1", "policy.augment_shift=0", "env.symbolic=true"]),
     "h1_noaug_symbolic_hist4": ("action chunk 1, no random shift, symbolic view, history of 4 steps (not 2)",
                                 ["data.horizon=1", "policy.augment_shift=0", "env.symbolic=true", "data.history=4"]),
+    "symbolic_only": ("action chunk 1, the symbolic view only (no pixels), history of 2 steps",
+                      ["data.horizon=1", "policy.augment_shift=0", "env.symbolic=true", "data.obs_keys=[state]"]),
+    "symbolic_only_gru64": ("action chunk 1, the symbolic view only (no pixels), a GRU over the whole episode (64 steps)",
+                            ["data.horizon=1", "policy.augment_shift=0", "env.symbolic=true", "data.obs_keys=[state]",
+                             "policy.trunk=gru", "data.history=64"]),
 }
 # BabyAI 1.1 (Hui et al., 2020), imitation from 5,000 bot demos, success in percent (as quoted in issue 16)
 PAPER = {"GoToRedBall": {"train_demos": 5000, "BabyAI 1.0 model": 89.6, "BabyAI 1.1 model": 99.3}}

@@ -270,6 +270,108 @@ def components(args) -> list[tuple[str, float, float]]:
             ("one minibatch update", update_ms, sb3_update_ms)]
 
 
+# --- simulation on the second core: would overlapping it with acting pay? -------------------------------------------
+def _worker(conn, num_envs: int) -> None:
+    """A process holding ``num_envs`` envs (one round trip per step for all of them)."""
+    from toolkit.envs.vector import make_vector_env
+
+    envs = make_vector_env(ENV_CFG, num_envs, processes=False)
+    while True:
+        cmd, data = conn.recv()
+        if cmd == "close":
+            break
+        conn.send(envs.reset(seed=data[0], options=data[1]) if cmd == "reset" else envs.step(data))
+
+
+def simulation_overlap(args) -> list[tuple[str, float]]:
+    """Env steps/s of the bare acting + stepping loop (the speed bench's MLP acting, no updates, no bookkeeping), with
+    the simulation (a) in this process, (b) half the envs in one worker process stepped while this process steps the
+    other half, (c) two groups of envs in processes (gymnasium AsyncVectorEnv), this process acting for one group while
+    the other steps (Sample Factory's double-buffered sampling). The upper bound of what moving the simulator to the
+    second core can give the PPO loop."""
+    import multiprocessing as mp
+
+    import torch
+
+    from toolkit.envs.vector import make_vector_env
+
+    e, n = args.envs, args.n_steps * 4
+    net = torch.nn.Sequential(torch.nn.Linear(151, args.hidden), torch.nn.GELU(), torch.nn.Linear(args.hidden, 7))
+
+    @torch.no_grad()
+    def act(state: np.ndarray) -> np.ndarray:
+        return torch.distributions.Categorical(logits=net(torch.as_tensor(state))).sample().numpy()
+
+    def reset_ended(envs, obs, ended):
+        if ended.any():
+            obs, _ = envs.reset(seed=[None] * len(ended), options={"reset_mask": ended})
+        return obs
+
+    def in_process() -> float:
+        envs = make_vector_env(ENV_CFG, e, processes=False)
+        obs, _ = envs.reset(seed=list(range(e)))
+        t0 = time.perf_counter()
+        for _ in range(n):
+            obs, _, term, trunc, _ = envs.step(act(obs["state"]))
+            obs = reset_ended(envs, obs, term | trunc)
+        rate = n * e / (time.perf_counter() - t0)
+        envs.close()
+        return rate
+
+    def half_in_a_worker() -> float:
+        k = e // 2
+        parent, child = mp.get_context("forkserver").Pipe()
+        worker = mp.get_context("forkserver").Process(target=_worker, args=(child, k), daemon=True)
+        worker.start()
+        local = make_vector_env(ENV_CFG, e - k, processes=False)
+        local_obs, _ = local.reset(seed=list(range(e - k)))
+        parent.send(("reset", (list(range(k)), None)))
+        remote_obs, _ = parent.recv()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            action = act(np.concatenate([local_obs["state"], remote_obs["state"]]))
+            parent.send(("step", action[e - k:]))  # the worker steps its envs while this process steps its own
+            local_obs, _, term, trunc, _ = local.step(action[:e - k])
+            local_obs = reset_ended(local, local_obs, term | trunc)
+            remote_obs, _, term, trunc, _ = parent.recv()
+            if (term | trunc).any():
+                parent.send(("reset", ([None] * k, {"reset_mask": term | trunc})))
+                remote_obs, _ = parent.recv()
+        rate = n * e / (time.perf_counter() - t0)
+        parent.send(("close", None))
+        worker.join()
+        local.close()
+        return rate
+
+    def two_pipelined_groups() -> float:
+        groups = [make_vector_env(ENV_CFG, e // 2, processes=True) for _ in range(2)]
+        obs = [g.reset(seed=list(range(e // 2)))[0] for g in groups]
+        t0 = time.perf_counter()
+        for g, envs in enumerate(groups):
+            envs.step_async(act(obs[g]["state"]))
+        for _ in range(n):
+            for g, envs in enumerate(groups):  # act for this group while the other group's envs step
+                o, _, term, trunc, _ = envs.step_wait()
+                obs[g] = reset_ended(envs, o, term | trunc)
+                envs.step_async(act(obs[g]["state"]))
+        for envs in groups:
+            envs.step_wait()
+        rate = n * e / (time.perf_counter() - t0)
+        for envs in groups:
+            envs.close()
+        return rate
+
+    setups = [("in this process", in_process), (f"{e // 2} envs in a worker process, stepped while this process "
+                                                f"steps the other {e - e // 2}", half_in_a_worker),
+              (f"two groups of {e // 2} env processes (AsyncVectorEnv), acting for one while the other steps",
+               two_pipelined_groups)]
+    rates: dict[str, list[float]] = {name: [] for name, _ in setups}
+    for _ in range(args.rounds):
+        for name, fn in setups:
+            rates[name].append(fn())
+    return [(name, float(np.median(r))) for name, r in rates.items()]
+
+
 # --- DINOv2 acting, with and without the feature cache ------------------------------------------------------------
 def dinov2_acting(args) -> list[tuple[str, float, int]]:
     import torch
@@ -337,7 +439,7 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=5, help="update cycles per run (the first is not timed)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of every setup, interleaved; the median is shown")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, for both")
-    parser.add_argument("--only", choices=[*CONFIGS, "components", "dinov2"], nargs="*")
+    parser.add_argument("--only", choices=[*CONFIGS, "components", "overlap", "dinov2"], nargs="*")
     parser.add_argument("--no-dinov2", action="store_true")
     parser.add_argument("--dinov2-size", type=int, default=224)
     parser.add_argument("--dinov2-envs", type=int, default=2)
@@ -352,7 +454,7 @@ def main() -> None:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
-    only = list(args.only or [*CONFIGS, "components", "dinov2"])
+    only = list(args.only or [*CONFIGS, "components", "overlap", "dinov2"])
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in CONFIGS if k in only}
     notes = []
     for r in range(args.rounds):
@@ -397,6 +499,10 @@ def main() -> None:
         lines.append(f"\nWith acting and updates free, the simulator alone allows {1e3 * args.envs / env_ms:.0f} env steps/s; "
                      f"1.5x SB3's sum would need the toolkit's acting + updates within "
                      f"{theirs_ms / 1.5 - env_ms:.3f} ms per step of all envs (they take {ours_ms - env_ms:.3f}).")
+    if "overlap" in only:
+        lines += ["", f"The simulator on the second core? Acting + stepping alone ({args.envs} envs, the MLP's acting, no "
+                  f"updates or bookkeeping), median of {args.rounds}:", "", "| simulation | env steps/s |", "|---|---:|"]
+        lines += [f"| {name} | {rate:.0f} |" for name, rate in simulation_overlap(args)]
     if "dinov2" in only and not args.no_dinov2:
         lines += ["", "| acting (PPO `_sample`, one step of every env) | ms per step | frames encoded per step |",
                   "|---|---:|---:|"]

@@ -27,20 +27,28 @@ def test_babyai_imitation_trains_on_the_papers_number_of_training_demos(train_de
 
 
 def test_babyai_imitation_variants_compose_to_the_settings_they_name(tmp_path):
-    """Each variant's overrides give the train.py config its row claims (level, demos, chunk, shift, view, history)."""
+    """Each variant's overrides give the train.py config its row claims (level, demos, chunk, shift, view, history,
+    pixels or not, trunk)."""
     from babyai_imitation import VARIANTS, overrides
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    expected = {"chunk4_shift4": (4, 4, False, 2), "h1_noaug": (1, 0, False, 2), "h1_noaug_symbolic": (1, 0, True, 2),
-                "h1_noaug_symbolic_hist4": (1, 0, True, 4)}
+    pixels = None  # every camera in the file
+    expected = {"chunk4_shift4": (4, 4, False, 2, pixels, "transformer"),
+                "h1_noaug": (1, 0, False, 2, pixels, "transformer"),
+                "h1_noaug_symbolic": (1, 0, True, 2, pixels, "transformer"),
+                "h1_noaug_symbolic_hist4": (1, 0, True, 4, pixels, "transformer"),
+                "symbolic_only": (1, 0, True, 2, ["state"], "transformer"),
+                "symbolic_only_gru64": (1, 0, True, 64, ["state"], "gru")}
     assert set(VARIANTS) == set(expected)
-    for variant, (horizon, shift, symbolic, history) in expected.items():
+    for variant, (horizon, shift, symbolic, history, obs_keys, trunk) in expected.items():
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             cfg = compose("train", overrides=overrides("GoToRedBall", 5000, 8000, 200, variant, 1))
         assert cfg.env.level == "GoToRedBall" and cfg.data.num_demos == 5556 and cfg.seed == 1
         assert (cfg.data.horizon, cfg.policy.augment_shift, cfg.env.symbolic) == (horizon, shift, symbolic)
         assert cfg.data.history == cfg.policy.history == history
+        assert (None if cfg.data.obs_keys is None else list(cfg.data.obs_keys)) == obs_keys
+        assert cfg.policy.trunk == trunk
         assert cfg.trainer.max_steps == 8000 and cfg.callbacks.rollout.num_episodes == 200
         assert cfg.policy._target_.endswith("BCTransformer")

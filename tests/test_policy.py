@@ -55,3 +55,42 @@ def test_cached_features_give_the_same_prediction_as_pixels():
                  for k, v in data["obs"].items() if k.startswith("rgb")}
         from_features = policy.predict({**feats, "state": data["obs"]["state"]}, data["obs_is_pad"])
     torch.testing.assert_close(from_features, from_pixels)
+
+
+def test_gru_trunk_recalls_a_cue_from_the_start_of_its_window_and_acts_in_rollouts_as_it_trained():
+    """``policy.trunk=gru``: the action depends on what the first step of the window showed (memory over the
+    whole window), and step-by-step rollout acting gives what the training forward gives on the same window."""
+    t, b = 8, 64
+    torch.manual_seed(0)
+    stats = {"obs/state": {"mean": [0.0] * 2, "std": [1.0] * 2},
+             "actions": {"mean": [0.0], "std": [1.0], "min": [-1.0], "max": [1.0]}}
+    shape_meta = {"rgb_keys": [], "state_dim": 2, "action_dim": 1}
+    encoder = ImpalaEncoder(image_size=16, channels=(4,), num_blocks=1, out_dim=8)  # never called: state only
+    policy = BCTransformer(encoder, shape_meta, stats, optimizer=partial(torch.optim.Adam), lr=3e-3, history=t,
+                           horizon=1, trunk="gru", d_model=32, num_layers=1, dropout=0.0, augment_shift=0)
+    g = torch.Generator().manual_seed(1)
+
+    def windows(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cue = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+        state = torch.zeros(n, t, 2)
+        state[:, 0, 0] = cue  # the cue, then nothing but noise in the other channel
+        state[:, :, 1] = torch.randn(n, t, generator=g)
+        return state, cue
+
+    opt = policy.configure_optimizers()
+    for _ in range(300):
+        state, cue = windows(b)
+        loss = policy.compute_loss({"obs": {"state": state}, "action": cue[:, None, None],
+                                    "action_is_pad": torch.zeros(b, 1, dtype=torch.bool)})["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    policy.eval()
+    state, cue = windows(16)
+    with torch.no_grad():
+        predicted = policy.predict({"state": state}, torch.zeros(16, t, dtype=torch.bool))[:, 0, 0]
+    assert (predicted.sign() == cue).all(), (predicted, cue)
+    policy.reset()
+    for step in range(t):  # the same windows, one step at a time, as a rollout sees them
+        acted = policy.act({"state": state[:, step].numpy()})
+    np.testing.assert_allclose(acted[:, 0], predicted.clamp(-1, 1).numpy(), atol=1e-5)

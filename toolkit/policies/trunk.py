@@ -1,5 +1,6 @@
-"""The observation trunks shared by the policies: a causal transformer over the history window, or plain
-concatenation (frame stacking) for MLP heads. ``policy.trunk`` picks one (``make_trunk``)."""
+"""The observation trunks shared by the policies: a causal transformer over the history window, a recurrent
+network (GRU) over it, or plain concatenation (frame stacking) for MLP heads. ``policy.trunk`` picks one
+(``make_trunk``)."""
 
 from __future__ import annotations
 
@@ -72,12 +73,42 @@ class ConcatTrunk(nn.Module):
         return torch.cat(parts, dim=-1)
 
 
+class GRUTrunk(nn.Module):
+    """Recurrent memory over the window, as the BabyAI models' LSTM: each step's image features (flattened),
+    normalized state and instruction -> Linear + GELU -> a GRU of ``num_layers`` over time; the last step's output
+    (layer-normed) ``[B, d_model]``. With a window as long as an episode (``data.history``) the policy remembers
+    the whole episode; in rollouts the GRU re-reads the window every step (no hidden state to carry or reset)."""
+
+    def __init__(self, num_image_tokens: int, image_dim: int, state_dim: int, d_model: int = 128,
+                 num_layers: int = 1, dropout: float = 0.0, lang_dim: int | None = None) -> None:
+        super().__init__()
+        self.lang_dim, self.out_dim = lang_dim, d_model
+        self.step_proj = nn.Sequential(nn.Linear(num_image_tokens * image_dim + state_dim + (lang_dim or 0), d_model),
+                                       nn.GELU())
+        self.gru = nn.GRU(d_model, d_model, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, image_tokens: torch.Tensor, state: torch.Tensor, lang: torch.Tensor | None = None) -> torch.Tensor:
+        """``image_tokens [B, T, N, D]``, normalized ``state [B, T, Ds]``, ``lang [B, Dl]`` -> ``[B, d_model]``."""
+        b, t = state.shape[:2]
+        parts = [image_tokens.flatten(2), state]
+        if self.lang_dim is not None:
+            if lang is None:
+                raise ValueError("this policy was built with lang_dim: the batch / obs must hold 'lang' [B, Dl]")
+            parts.append(lang.float()[:, None].expand(b, t, -1))
+        out, _ = self.gru(self.step_proj(torch.cat(parts, dim=-1)))
+        return self.norm(out[:, -1])
+
+
 def make_trunk(kind: str, num_image_tokens: int, image_dim: int, state_dim: int, history: int, d_model: int,
-               num_layers: int, num_heads: int, dropout: float, lang_dim: int | None) -> ObsTrunk | ConcatTrunk:
-    """``policy.trunk``: ``transformer`` (``ObsTrunk``) or ``concat`` (``ConcatTrunk``); both have ``out_dim``."""
+               num_layers: int, num_heads: int, dropout: float, lang_dim: int | None) -> nn.Module:
+    """``policy.trunk``: ``transformer`` (``ObsTrunk``), ``gru`` (``GRUTrunk``) or ``concat`` (``ConcatTrunk``); each
+    has ``out_dim``."""
     if kind == "transformer":
         return ObsTrunk(num_image_tokens, image_dim, state_dim, history, d_model, num_layers, num_heads, dropout,
                         lang_dim)
+    if kind == "gru":
+        return GRUTrunk(num_image_tokens, image_dim, state_dim, d_model, num_layers, dropout, lang_dim)
     if kind == "concat":
         return ConcatTrunk(num_image_tokens, image_dim, state_dim, history, lang_dim)
-    raise ValueError(f"policy.trunk must be 'transformer' or 'concat', got {kind!r}")
+    raise ValueError(f"policy.trunk must be 'transformer', 'gru' or 'concat', got {kind!r}")
