@@ -354,13 +354,8 @@ class IQLOnline(IQLPolicy):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.compute_loss(batch)
         if self._loggers_write_this_step():
-            self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(batch["reward"]))
-            dm = getattr(self.trainer, "datamodule", None)
-            env = dm.env_metrics() if hasattr(dm, "env_metrics") else {}
-            self.log_dict({k: v for k, v in env.items() if k in ("env/steps", "env/success")}, prog_bar=True)
-            self.log_dict({k: v for k, v in env.items() if k not in ("env/steps", "env/success")})
-            if self.replay is not None:
-                self.log_dict({"replay/offline": float(self.replay.n_offline), "replay/online": float(self.replay.n_online)})
+            self.log_online_step(losses, None if self.replay is None else
+                                 {"replay/offline": self.replay.n_offline, "replay/online": self.replay.n_online})
         return losses["loss"]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

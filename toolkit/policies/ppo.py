@@ -312,10 +312,7 @@ class PPO(BCTransformer):
                 kl = self.trainer.strategy.reduce(kl.detach().clone(), reduce_op="mean")
             self._approx_kl = float(kl)
         if self._loggers_write_this_step():
-            self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(batch["action"]))
-            env = self.trainer.datamodule.env_metrics()
-            self.log_dict({k: v for k, v in env.items() if k in ("env/steps", "env/success")}, prog_bar=True)
-            self.log_dict({k: v for k, v in env.items() if k not in ("env/steps", "env/success")})
+            self.log_online_step(losses)
         return losses["loss"]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
