@@ -320,8 +320,9 @@ def simulation_overlap(args) -> list[tuple[str, float]]:
 
     def half_in_a_worker() -> float:
         k = e // 2
-        parent, child = mp.get_context("forkserver").Pipe()
-        worker = mp.get_context("forkserver").Process(target=_worker, args=(child, k), daemon=True)
+        context = mp.get_context("forkserver")
+        parent, child = context.Pipe()
+        worker = context.Process(target=_worker, args=(child, k), daemon=True)
         worker.start()
         local = make_vector_env(ENV_CFG, e - k, processes=False)
         local_obs, _ = local.reset(seed=list(range(e - k)))
