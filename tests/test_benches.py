@@ -34,14 +34,16 @@ def test_babyai_imitation_variants_compose_to_the_settings_they_name(tmp_path):
     from hydra.core.global_hydra import GlobalHydra
 
     pixels = None  # every camera in the file
-    expected = {"chunk4_shift4": (4, 4, False, 2, pixels, "transformer"),
-                "h1_noaug": (1, 0, False, 2, pixels, "transformer"),
-                "h1_noaug_symbolic": (1, 0, True, 2, pixels, "transformer"),
-                "h1_noaug_symbolic_hist4": (1, 0, True, 4, pixels, "transformer"),
-                "symbolic_only": (1, 0, True, 2, ["state"], "transformer"),
-                "symbolic_only_gru64": (1, 0, True, 64, ["state"], "gru")}
+    film = "toolkit.encoders.babyai_film.BabyAIViewFiLM"
+    expected = {"chunk4_shift4": (4, 4, False, 2, pixels, "transformer", None),
+                "h1_noaug": (1, 0, False, 2, pixels, "transformer", None),
+                "h1_noaug_symbolic": (1, 0, True, 2, pixels, "transformer", None),
+                "h1_noaug_symbolic_hist4": (1, 0, True, 4, pixels, "transformer", None),
+                "symbolic_only": (1, 0, True, 2, ["state"], "transformer", None),
+                "symbolic_only_gru64": (1, 0, True, 64, ["state"], "gru", None),
+                "symbolic_only_film_gru64": (1, 0, True, 64, ["state"], "gru", film)}
     assert set(VARIANTS) == set(expected)
-    for variant, (horizon, shift, symbolic, history, obs_keys, trunk) in expected.items():
+    for variant, (horizon, shift, symbolic, history, obs_keys, trunk, state_encoder) in expected.items():
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             cfg = compose("train", overrides=overrides("GoToRedBall", 5000, 8000, 200, variant, 1))
@@ -50,5 +52,6 @@ def test_babyai_imitation_variants_compose_to_the_settings_they_name(tmp_path):
         assert cfg.data.history == cfg.policy.history == history
         assert (None if cfg.data.obs_keys is None else list(cfg.data.obs_keys)) == obs_keys
         assert cfg.policy.trunk == trunk
+        assert (cfg.policy.state_encoder or {}).get("_target_") == state_encoder
         assert cfg.trainer.max_steps == 8000 and cfg.callbacks.rollout.num_episodes == 200
         assert cfg.policy._target_.endswith("BCTransformer")

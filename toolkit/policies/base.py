@@ -55,15 +55,19 @@ class PolicyModule(L.LightningModule):
         horizon: int = 1,
         augment_shift: int = 4,
         blank_images: bool = False,
+        state_encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["encoder", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["encoder", "optimizer", "scheduler", "state_encoder"])
         self.encoder = encoder
+        # the state's own encoder (state_encoder=babyai_film), reading the raw state; None: the normalized state
+        self.state_encoder = state_encoder
         if not shape_meta["rgb_keys"]:  # state only: the encoder is never called, so it has nothing to learn
             encoder.requires_grad_(False)  # (and DDP would stop on parameters without gradients)
         self.optimizer_fn, self.scheduler_fn, self.lr = optimizer, scheduler, lr
         self.rgb_keys: list[str] = list(shape_meta["rgb_keys"])
         self.state_dim, self.action_dim = shape_meta["state_dim"], shape_meta["action_dim"]
+        self.state_feature_dim = self.state_dim if state_encoder is None else state_encoder.out_dim  # trunk input
         self.history, self.horizon = history, horizon
         self.augment_shift, self.blank_images = augment_shift, blank_images
         self.state_norm = Normalizer(stats["obs/state"]["mean"], stats["obs/state"]["std"])
@@ -110,6 +114,13 @@ class PolicyModule(L.LightningModule):
                 x = random_shift(x, self.augment_shift, groups=t)
             tokens.append(self.encoder(x).unflatten(0, (b, t)))
         return torch.cat(tokens, dim=2)
+
+    def encode_state(self, obs: dict[str, torch.Tensor], lang: torch.Tensor | None) -> torch.Tensor:
+        """The trunk's per-step state input ``[B, T, state_feature_dim]``: the normalized ``state``, or the state
+        encoder's features of the raw state (one-hots stay one-hots) and the instruction."""
+        if self.state_encoder is None:
+            return self.state_norm.normalize(obs["state"])
+        return self.state_encoder(obs["state"], lang)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.compute_loss(batch)

@@ -41,14 +41,14 @@ class BCTransformer(PolicyModule):
         self.discrete = action_type == "discrete"
         self.loss_fn = nn.functional.mse_loss if loss == "mse" else nn.functional.l1_loss
         self.trunk = make_trunk(trunk, len(self.rgb_keys) * self.encoder.num_tokens, self.encoder.out_dim,
-                                self.state_dim, self.history, d_model, num_layers, num_heads, dropout, lang_dim)
+                                self.state_feature_dim, self.history, d_model, num_layers, num_heads, dropout, lang_dim)
         self.out_per_step = num_actions if self.discrete else self.action_dim
         self.head = nn.Sequential(nn.Linear(self.trunk.out_dim, d_model), nn.GELU(),
                                   nn.Linear(d_model, self.horizon * self.out_per_step))
 
     def forward_head(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Normalized actions ``[B, H, A]``, or logits ``[B, H, num_actions]`` when discrete."""
-        z = self.trunk(self.encode_images(obs), self.state_norm.normalize(obs["state"]), obs.get("lang"))
+        z = self.trunk(self.encode_images(obs), self.encode_state(obs, obs.get("lang")), obs.get("lang"))
         return self.head(z).view(len(z), self.horizon, self.out_per_step)
 
     def predict(self, obs: dict[str, torch.Tensor], obs_is_pad: torch.Tensor) -> torch.Tensor:

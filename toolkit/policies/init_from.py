@@ -17,7 +17,7 @@ from toolkit.errors import ToolkitError
 
 # policy fields that shape the actor's weights (taken from the checkpoint)
 ARCHITECTURE = ("history", "horizon", "trunk", "d_model", "num_layers", "num_heads", "loss", "lang_dim",
-                "action_type", "num_actions", "blank_images", "hidden_dim", "actor_head")
+                "action_type", "num_actions", "blank_images", "hidden_dim", "actor_head", "state_encoder")
 
 
 def read_init_checkpoint(path: str | Path) -> dict[str, Any]:

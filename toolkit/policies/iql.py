@@ -142,7 +142,7 @@ class IQLPolicy(PolicyModule):
         self._told_about_trainer_clipping = False
 
         self.trunk = make_trunk(trunk, len(self.rgb_keys) * self.encoder.num_tokens, self.encoder.out_dim,
-                                self.state_dim, self.history, d_model, num_layers, num_heads, dropout, lang_dim)
+                                self.state_feature_dim, self.history, d_model, num_layers, num_heads, dropout, lang_dim)
         z_dim = self.trunk.out_dim
         q_in, q_out = (z_dim, num_actions) if self.discrete else (z_dim + self.action_dim, 1)
         self.q = TwinQ(q_in, hidden_dim, q_out)
@@ -154,7 +154,7 @@ class IQLPolicy(PolicyModule):
 
     # --- networks -------------------------------------------------------------------------------
     def features(self, obs: dict[str, torch.Tensor], lang: torch.Tensor | None = None) -> torch.Tensor:
-        return self.trunk(self.encode_images(obs), self.state_norm.normalize(obs["state"]), lang)
+        return self.trunk(self.encode_images(obs), self.encode_state(obs, lang), lang)
 
     def q_values(self, z: torch.Tensor, action: torch.Tensor, target: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Q1, Q2 ``[B]`` at ``action`` (normalized ``[B, A]``, or indices ``[B]`` when discrete)."""

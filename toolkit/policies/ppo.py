@@ -71,7 +71,7 @@ class PPO(BCTransformer):
             self.log_std = nn.Parameter(torch.full((self.action_dim,), float(init_log_std)))
         hp = self.hparams
         self.critic_trunk = make_trunk(hp.get("trunk", "transformer"), len(self.rgb_keys) * self.encoder.num_tokens,
-                                       self.encoder.out_dim, self.state_dim, self.history, hp.get("d_model", 128),
+                                       self.encoder.out_dim, self.state_feature_dim, self.history, hp.get("d_model", 128),
                                        hp.get("num_layers", 2), hp.get("num_heads", 4), 0.0,
                                        hp.get("lang_dim")) if separate_critic else None
         width = (self.critic_trunk or self.trunk).out_dim
@@ -99,7 +99,7 @@ class PPO(BCTransformer):
     def _forward(self, obs: dict[str, torch.Tensor]) -> tuple[torch.distributions.Distribution, torch.Tensor, tuple]:
         """The distribution, V and the trunk inputs (encoder tokens, normalized state, instruction)."""
         tokens = self.encode_images(obs)  # shared by actor and critic (features, or a fine-tuned encoder)
-        inputs = (tokens, self.state_norm.normalize(obs["state"]), obs.get("lang"))
+        inputs = (tokens, self.encode_state(obs, obs.get("lang")), obs.get("lang"))
         z = self.trunk(*inputs)
         dist = self._distribution(self.head(z), None if self.discrete else self.log_std)
         value = self.value_head(self.critic_trunk(*inputs) if self.critic_trunk is not None else z)
