@@ -110,3 +110,30 @@ def test_train_py_trains_a_babyai_policy_on_the_view_model_and_its_checkpoint_ac
                                           f"init_from={ckpt}"])
     adopt_checkpoint_config(cfg, read_init_checkpoint(ckpt), None, ckpt)
     assert cfg.policy.state_encoder._target_.endswith("BabyAIViewFiLM") and cfg.policy.state_encoder.channels == 16
+
+
+def test_ppo_keeps_the_loaded_view_model_as_its_kl_reference():
+    """policy=ppo with bc_kl_coef: the view model trains with the actor, so the reference keeps its own copy of
+    it as loaded; a changed view model makes the KL to the loaded policy positive, the copy unchanged."""
+    from functools import partial
+
+    from test_ppo import state_meta
+    from toolkit.encoders.impala import ImpalaEncoder
+    from toolkit.policies.ppo import PPO
+
+    states, _ = episode_states()
+    shape_meta, stats = state_meta(states.shape[1], 1)
+    torch.manual_seed(0)
+    policy = PPO(ImpalaEncoder(image_size=16, channels=(4,), num_blocks=1, out_dim=8), shape_meta, stats,
+                 optimizer=partial(torch.optim.Adam), history=1, trunk="concat", action_type="discrete",
+                 num_actions=7, bc_kl_coef=0.5, state_encoder=BabyAIViewFiLM(lang_dim=None, channels=8))
+    policy.set_reference()
+    n = len(states)
+    batch = {"obs": {"state": torch.as_tensor(states)[:, None]}, "action": torch.zeros(n, dtype=torch.long),
+             "logprob": torch.zeros(n), "value": torch.zeros(n), "advantage": torch.zeros(n), "ret": torch.zeros(n)}
+    policy.eval()  # batch norm as loaded, in both copies
+    assert float(policy.compute_loss(batch)["bc_kl"].detach()) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        policy.state_encoder.bow.weight.mul_(3.0)
+    assert float(policy.compute_loss(batch)["bc_kl"].detach()) > 1e-4
+    assert not torch.equal(policy.reference_state_encoder.bow.weight, policy.state_encoder.bow.weight)

@@ -80,6 +80,10 @@ class PPO(BCTransformer):
         if bc_kl_coef > 0:  # a frozen copy of the actor as init_from loaded it (set_reference), kept in checkpoints
             self.reference_trunk = copy.deepcopy(self.trunk).requires_grad_(False)
             self.reference_head = copy.deepcopy(self.head).requires_grad_(False)
+            # the state encoder (state_encoder=) trains with the actor, so the reference keeps its own copy
+            self.reference_state_encoder = copy.deepcopy(self.state_encoder)
+            if self.reference_state_encoder is not None:
+                self.reference_state_encoder.requires_grad_(False)
             self.register_buffer("reference_log_std", torch.full((self.action_dim,), float(init_log_std))
                                  if not self.discrete else torch.zeros(0))
             self.register_buffer("reference_set", torch.tensor(False))
@@ -120,6 +124,8 @@ class PPO(BCTransformer):
             return
         self.reference_trunk.load_state_dict(self.trunk.state_dict())
         self.reference_head.load_state_dict(self.head.state_dict())
+        if self.reference_state_encoder is not None:
+            self.reference_state_encoder.load_state_dict(self.state_encoder.state_dict())
         if not self.discrete:
             self.reference_log_std.copy_(self.log_std.detach())
         self.reference_set.fill_(True)
@@ -170,6 +176,9 @@ class PPO(BCTransformer):
         extra = {}
         if self.bc_kl_coef > 0:  # KL(policy || BC policy) on the minibatch's states: a pull back to the checkpoint
             with torch.no_grad():
+                if self.reference_state_encoder is not None:  # eval: its batch norm as loaded, not this batch's
+                    state = self.reference_state_encoder.eval()(batch["obs"]["state"], inputs[2])
+                    inputs = (inputs[0], state, inputs[2])
                 reference = self._distribution(self.reference_head(self.reference_trunk(*inputs)),
                                                None if self.discrete else self.reference_log_std)
             bc_kl = kl_divergence(dist, reference)
