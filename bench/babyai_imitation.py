@@ -9,10 +9,11 @@ after the datamodule's split, every tenth episode to validation, that many are l
 
 - ``chunk4_shift4``: the settings every env had before BabyAI got its own defaults (action chunk 4, random shift of
   up to 4 px, i.e. half a grid cell, on the 64 px top view); the issue's first runs;
-- ``h1_noaug``: BabyAI's defaults (``env_defaults`` in conf/env/babyai.yaml): one action per step
-  (``data.horizon=1``), no random shift (``policy.augment_shift=0``), given explicitly so a run does not depend on them;
+- ``h1_noaug``: BabyAI's imitation defaults (``env_defaults`` in conf/env/babyai.yaml): one action per step
+  (``data.horizon=1``), no random shift (``policy.augment_shift=0``), given explicitly so a run does not depend on
+  them; the top-down pixels and the direction only (``env.symbolic=false``);
 - ``h1_noaug_symbolic``: as ``h1_noaug`` plus minigrid's egocentric 7x7 symbolic view in the state
-  (``env.symbolic=true``, the view the paper's models see);
+  (``env.symbolic=true``, the view the paper's models see; BabyAI's default since session 25);
 - ``h1_noaug_symbolic_hist4``: as ``h1_noaug_symbolic`` with 4 steps of history instead of 2 (some memory: the failures
   of the 2-step policy are cycles, see ``bench/babyai_failures.py``); measured so far with ``--steps 3000``, seeds 0 and 1;
 - ``symbolic_only``: the paper's input alone: the egocentric 7x7 symbolic view and the direction as the state, no
@@ -41,8 +42,9 @@ from online_finetune import ROOT, fmt, last, run, write_table  # noqa: E402
 
 VARIANTS = {
     "chunk4_shift4": ("action chunk 4, random shift 4 px (the earlier defaults)",
-                      ["data.horizon=4", "policy.augment_shift=4"]),
-    "h1_noaug": ("action chunk 1, no random shift (BabyAI's defaults)", ["data.horizon=1", "policy.augment_shift=0"]),
+                      ["data.horizon=4", "policy.augment_shift=4", "env.symbolic=false"]),
+    "h1_noaug": ("action chunk 1, no random shift, the pixels only", ["data.horizon=1", "policy.augment_shift=0",
+                                                                      "env.symbolic=false"]),
     "h1_noaug_symbolic": ("action chunk 1, no random shift, + egocentric 7x7 symbolic view",
                           ["data.horizon=1", "policy.augment_shift=0", "env.symbolic=true"]),
     "h1_noaug_symbolic_hist4": ("action chunk 1, no random shift, symbolic view, history of 4 steps (not 2)",

@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--setups", nargs="+", default=DEFAULT_SETUPS, choices=[key for key, _, _ in SETUPS])
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="bench_babyai_"))
-    common = ["env=babyai", f"env.level={args.level}", "env.image_size=64", "env.max_episode_steps=64",
+    common = ["env=babyai", f"env.level={args.level}", "env.image_size=64", "env.max_episode_steps=64", "env.symbolic=false",
               f"data.num_demos={args.demos}", "data.max_sub_instructions=2", f"trainer.max_steps={args.steps}",
               f"trainer.val_check_interval={max(1, args.steps // 3)}", "callbacks.rollout.video_episodes=0"]
     results: dict[str, list[dict]] = {}

@@ -318,3 +318,4 @@ def test_babyai_has_its_own_imitation_defaults_and_the_command_line_wins():
         assert settings("env=babyai", "policy=dagger") == (1, 1, 0)
         assert settings() == (4, 4, 4)  # Meta-World
         assert settings("env=babyai", "data.horizon=4", "policy.augment_shift=2") == (4, 4, 2)
+        assert compose("train", overrides=["env=babyai"]).env.symbolic is True  # the papers' view, +6-7 points
