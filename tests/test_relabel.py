@@ -18,6 +18,7 @@ from toolkit.collect import collect
 from toolkit.datamodules.episode_datamodule import EpisodeDataModule
 from toolkit.datamodules.episode_file import EpisodeWriter, episode_names
 from toolkit.datamodules.relabel import JoinInstructions, Span, chain_spans, episode_spans
+from toolkit.errors import ToolkitError
 from toolkit.envs.babyai import BabyAIEnv, _leaves
 from toolkit.errors import ToolkitError
 from toolkit.zero_shot import categorize
@@ -193,8 +194,12 @@ def test_each_policy_trains_on_babyai_with_instructions_and_rolls_out(tmp_path, 
     loaded = load_policy(ckpt)
     assert loaded.language_conditioned and loaded.discrete and loaded.hparams["lang_dim"] == 384
     assert loaded.trained_instructions["max_clauses"] >= 1
-    env = BabyAIEnv(level="GoToSeqS5R2", image_size=16)
+    with pytest.raises(ToolkitError, match="env.symbolic"):  # env=babyai observes the symbolic view by default
+        loaded.act({**{k: v[None] for k, v in BabyAIEnv(level="GoToSeqS5R2", image_size=16).reset(seed=5)[0].items()},
+                    "instruction": ["go to the red ball"]})
+    env = BabyAIEnv(level="GoToSeqS5R2", image_size=16, symbolic=True)
     obs, _ = env.reset(seed=5)
+    loaded.reset()
     action = loaded.act({**{k: v[None] for k, v in obs.items()}, "instruction": [env.instruction()]})
     assert action.shape == (1, 1) and 0 <= action[0, 0] < 7
     summary = json.loads(next(tmp_path.glob("logs/debug/runs/*/summary.json")).read_text())

@@ -202,6 +202,10 @@ class PolicyModule(L.LightningModule):
         """One step of E envs' observations as the policy's inputs: ``state`` ``[E, Ds]`` and per camera
         ``rgb_*`` uint8 ``[E, C, H, W]``, or ``rgb_*_features`` ``[E, N, D]`` when features are cached."""
         x = {"state": torch.as_tensor(np.asarray(obs["state"]), device=self.device).float()}
+        if x["state"].shape[-1] != self.state_dim:
+            raise ToolkitError(f"the env gives a state of size {x['state'].shape[-1]}, this policy was trained on "
+                               f"{self.state_dim}: build the env as the training run did (BabyAI: the same "
+                               f"env.symbolic)")
         for k in self.rgb_keys:
             frames = torch.as_tensor(np.asarray(obs[k]), device=self.device).permute(0, 3, 1, 2)  # HWC -> CHW
             if self.caches_features():
