@@ -18,7 +18,6 @@ from toolkit.collect import collect
 from toolkit.datamodules.episode_datamodule import EpisodeDataModule
 from toolkit.datamodules.episode_file import EpisodeWriter, episode_names
 from toolkit.datamodules.relabel import JoinInstructions, Span, chain_spans, episode_spans
-from toolkit.errors import ToolkitError
 from toolkit.envs.babyai import BabyAIEnv, _leaves
 from toolkit.errors import ToolkitError
 from toolkit.zero_shot import categorize
