@@ -55,3 +55,18 @@ def test_babyai_imitation_variants_compose_to_the_settings_they_name(tmp_path):
         assert (cfg.policy.state_encoder or {}).get("_target_") == state_encoder
         assert cfg.trainer.max_steps == 8000 and cfg.callbacks.rollout.num_episodes == 200
         assert cfg.policy._target_.endswith("BCTransformer")
+
+
+def test_the_babyai_film_experiment_is_the_benchs_99_percent_variant():
+    """``experiment=babyai_film`` trains what the README's 99.5% row ran (bench variant symbolic_only_film_gru64)."""
+    from babyai_imitation import overrides
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        bench = compose("train", overrides=overrides("GoToRedBall", 5000, 4000, 200, "symbolic_only_film_gru64", 0))
+        experiment = compose("train", overrides=["experiment=babyai_film"])
+    for group in ("env", "data", "policy", "trainer"):
+        assert experiment[group] == bench[group], group
+    assert experiment.callbacks.rollout == bench.callbacks.rollout
