@@ -80,6 +80,16 @@ def test_the_view_model_names_what_it_needs():
         model(torch.zeros(1, 2, 4), torch.zeros(1, 8))  # env.symbolic=false: the direction only
     with pytest.raises(ValueError, match="'lang'"):
         model(torch.zeros(1, 2, model.state_dim))
+    from functools import partial
+
+    from test_ppo import state_meta
+    from toolkit.encoders.impala import ImpalaEncoder
+    from toolkit.errors import ToolkitError
+    from toolkit.policies.bc_transformer import BCTransformer
+
+    with pytest.raises(ToolkitError, match="state of size 984, the data's has 4.*env.symbolic=true"):
+        BCTransformer(ImpalaEncoder(image_size=16, channels=(4,), num_blocks=1, out_dim=8), *state_meta(4, 1),
+                      optimizer=partial(torch.optim.Adam), state_encoder=model)
 
 
 def test_train_py_trains_a_babyai_policy_on_the_view_model_and_its_checkpoint_acts(tmp_path):

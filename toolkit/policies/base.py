@@ -68,6 +68,9 @@ class PolicyModule(L.LightningModule):
         self.rgb_keys: list[str] = list(shape_meta["rgb_keys"])
         self.state_dim, self.action_dim = shape_meta["state_dim"], shape_meta["action_dim"]
         self.state_feature_dim = self.state_dim if state_encoder is None else state_encoder.out_dim  # trunk input
+        if getattr(state_encoder, "state_dim", self.state_dim) != self.state_dim:  # before training, not in its step
+            raise ToolkitError(f"policy.state_encoder ({type(state_encoder).__name__}) reads a state of size "
+                               f"{state_encoder.state_dim}, the data's has {self.state_dim} (BabyAI: env.symbolic=true)")
         self.history, self.horizon = history, horizon
         self.augment_shift, self.blank_images = augment_shift, blank_images
         self.state_norm = Normalizer(stats["obs/state"]["mean"], stats["obs/state"]["std"])
