@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from toolkit.policies.trunk import required_lang
+
 DIRECTIONS = 4  # the direction's one-hot leads BabyAI's symbolic state
 
 
@@ -84,14 +86,13 @@ class BabyAIViewFiLM(nn.Module):
         if d != self.state_dim:
             raise ValueError(f"state_encoder=babyai_film reads BabyAI's symbolic state ({self.state_dim} values: "
                              f"env.symbolic=true), got state of size {d}")
-        if self.films and lang is None:
-            raise ValueError("state_encoder=babyai_film was built with lang_dim: the batch / obs must hold 'lang'")
+        lang = required_lang(lang) if self.films else None  # before any work: a clear error
         state = state.float()
         new = torch.ones(b, t, dtype=torch.bool, device=state.device)
         new[:, 1:] = (state[:, 1:] != state[:, :-1]).any(-1)
         new = new.flatten()
         keep = new.nonzero().squeeze(1)
-        step_lang = lang.float().repeat_interleave(t, 0)[keep] if self.films else None
+        step_lang = lang.repeat_interleave(t, 0)[keep] if self.films else None
         features = self.encode_view(state.flatten(0, 1)[keep], step_lang)
         source = new.long().cumsum(0) - 1  # every step reads the features of its window's last new step
         return torch.cat([state[..., :DIRECTIONS], features[source].view(b, t, -1)], dim=-1)

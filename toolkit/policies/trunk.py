@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 
-def _required(lang: torch.Tensor | None) -> torch.Tensor:
+def required_lang(lang: torch.Tensor | None) -> torch.Tensor:
     """The instruction embedding ``[B, Dl]`` (float) of a trunk built with ``lang_dim``."""
     if lang is None:
         raise ValueError("this policy was built with lang_dim: the batch / obs must hold 'lang' [B, Dl]")
@@ -50,7 +50,7 @@ class ObsTrunk(nn.Module):
         b, t = state.shape[:2]
         parts = [self.image_proj(image_tokens), self.state_proj(state)[:, :, None]]
         if self.lang_proj is not None:
-            parts.append(self.lang_proj(_required(lang))[:, None, None].expand(b, t, 1, -1))
+            parts.append(self.lang_proj(required_lang(lang))[:, None, None].expand(b, t, 1, -1))
         parts.append(self.readout.expand(b, t, 1, -1))
         tokens = torch.cat(parts, dim=2) + self.time_emb[:t] + self.slot_emb
         n = t * self.tokens_per_step
@@ -72,7 +72,7 @@ class ConcatTrunk(nn.Module):
     def forward(self, image_tokens: torch.Tensor, state: torch.Tensor, lang: torch.Tensor | None = None) -> torch.Tensor:
         parts = [image_tokens.flatten(1), state.flatten(1)]
         if self.lang_dim is not None:
-            parts.append(_required(lang))
+            parts.append(required_lang(lang))
         return torch.cat(parts, dim=-1)
 
 
@@ -96,7 +96,7 @@ class GRUTrunk(nn.Module):
         b, t = state.shape[:2]
         parts = [image_tokens.flatten(2), state]
         if self.lang_dim is not None:
-            parts.append(_required(lang)[:, None].expand(b, t, -1))
+            parts.append(required_lang(lang)[:, None].expand(b, t, -1))
         out, _ = self.gru(self.step_proj(torch.cat(parts, dim=-1)))
         return self.norm(out[:, -1])
 
