@@ -18,7 +18,8 @@ The fine-tuning budget is ``--ppo-steps`` minibatch updates (``trainer.max_steps
 ``data.batch_size``, so env steps = ppo_steps / (n_epochs * n_steps * num_envs / batch_size) * n_steps * num_envs.
 
     python bench/online_finetune.py [--env metaworld|babyai] [--task T] [--root DIR] [--seeds 0 1 2] [--demos 35] [--bc-steps 1000]
-        [--ppo-steps 480] [--episodes 20] [--rows bc flare scratch no_stabilizers] [--ppo-override k=v ...]
+        [--ppo-steps 480] [--episodes 20] [--rows bc flare scratch no_stabilizers] [--override k=v ...]
+        [--ppo-override k=v ...]
 
 Every run is a ``python train.py`` (one CPU thread each, ``num_threads``); a run whose ``summary.json``
 exists is reused, so the script can be re-run after an interruption or with more rows/seeds. Prints a
@@ -133,6 +134,8 @@ def main() -> None:
     parser.add_argument("--evals", type=int, default=1, help="evaluations during fine-tuning (the last at the end)")
     parser.add_argument("--rows", nargs="+", default=["bc", *ROWS], choices=["bc", *ROWS])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (num_threads)")
+    parser.add_argument("--override", nargs="*", default=[],
+                        help="extra train.py overrides of every run, BC and PPO (e.g. data.obs_keys=[state])")
     parser.add_argument("--ppo-override", nargs="*", default=[], help="extra train.py overrides of every PPO run")
     parser.add_argument("--flare-lr", type=float, default=None,
                         help="ppo_flare's policy.lr (default: the preset's 3e-6); the stabilizers-off row gets 10x it")
@@ -145,7 +148,7 @@ def main() -> None:
 
     select, task_field, default_task, sparse = ENVS[args.env]
     args.task = args.task or default_task
-    env = [*select, f"{task_field}={args.task}", f"callbacks.rollout.num_episodes={args.episodes}"]
+    env = [*select, f"{task_field}={args.task}", f"callbacks.rollout.num_episodes={args.episodes}", *args.override]
     results: list[tuple[int, str, str, dict | None, dict]] = []  # seed, row key, label, BC summary, run summary
     for seed in args.seeds:
         bc_name = f"bc_{args.task}_d{args.demos}_k{args.bc_steps}_s{seed}"

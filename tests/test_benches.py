@@ -67,6 +67,9 @@ def test_the_babyai_film_experiment_is_the_benchs_99_percent_variant():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         bench = compose("train", overrides=overrides("GoToRedBall", 5000, 4000, 200, "symbolic_only_film_gru64", 0))
         experiment = compose("train", overrides=["experiment=babyai_film"])
+        linear = compose("train", overrides=["experiment=babyai_film", "~state_encoder"])
     for group in ("env", "data", "policy", "trainer"):
         assert experiment[group] == bench[group], group
     assert experiment.callbacks.rollout == bench.callbacks.rollout
+    # the README's way back to the recipe without the view model (Hydra refuses state_encoder=null here)
+    assert linear.policy.state_encoder is None and linear.data == experiment.data

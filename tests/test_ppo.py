@@ -273,6 +273,19 @@ def test_a_simulator_that_dies_is_restarted_its_partial_episodes_dropped_and_ste
 
 
 # --- the online loop --------------------------------------------------------------------------------------------
+def test_data_obs_keys_choose_what_a_policy_trained_from_scratch_sees():
+    """``data.obs_keys=[state]`` online as offline: a from-scratch policy on BabyAI's symbolic view builds no image
+    encoder input; the default sees every camera; a key the env does not give is named in the error."""
+    env = {"_target_": "toolkit.envs.babyai.BabyAIEnv", "level": "GoToRedBall", "image_size": 16, "symbolic": True}
+    every = OnlineDataModule(env, num_envs=1, seed=0)
+    assert every.shape_meta["rgb_keys"] == ["rgb_top"]
+    dm = OnlineDataModule(env, num_envs=1, seed=0, obs_keys=["state"])
+    assert dm.shape_meta["rgb_keys"] == [] and dm.image_keys() == []
+    assert dm.shape_meta["state_dim"] == every.shape_meta["state_dim"] > 100  # the one-hot symbolic view
+    with pytest.raises(ToolkitError, match=r"data.obs_keys=\['rgb_wrist', 'state'\].*rgb_wrist.*rgb_top"):
+        OnlineDataModule(env, num_envs=1, seed=0, obs_keys=["rgb_wrist", "state"])
+
+
 def test_every_update_cycle_acts_with_the_weights_of_all_updates_before_it():
     """Lightning fetches a batch ahead of the step that trains on it: the next cycle's env steps must still wait
     for the last update of the cycle before (else they act with old weights, and a checkpoint written at a cycle's

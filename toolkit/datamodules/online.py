@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from toolkit.envs.stepper import EnvStepper
+from toolkit.errors import ToolkitError
 from toolkit.envs.vector import check_env, make_env
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ class OnlineDataModule(L.LightningDataModule):
                  history: int = 2, horizon: int = 1, stats_window: int = 100, name: str | None = None,
                  path: str | None = None, num_demos: int | None = None, num_workers: int = 0,
                  replay_size: int = 50_000, env_processes: bool = True, goals: dict[str, Any] | None = None,
-                 intrinsic: dict[str, Any] | None = None, terminate_on_success: bool | None = None) -> None:
+                 intrinsic: dict[str, Any] | None = None, terminate_on_success: bool | None = None,
+                 obs_keys: list[str] | None = None) -> None:
         """``name``, ``path``, ``num_demos``, ``num_workers``: the offline data fields, unused by on-policy
         training (accepted so that ``debug=fast`` and experiment configs compose with ``data=online``).
         Off-policy training (``policy=iql_online``) seeds its replay buffer with the first ``num_demos``
@@ -100,11 +102,14 @@ class OnlineDataModule(L.LightningDataModule):
         ``goals``: ELLM's goal reward (the ``goals=`` config: a suggester plus the reward rule's fields),
         ``intrinsic``: a novelty reward (``intrinsic=rnd``); both added to the env's reward
         (``toolkit.exploration.terms``). ``terminate_on_success``: whether the training episodes end at success
-        (``training_env``); evaluation rollouts keep the env config's setting."""
+        (``training_env``); evaluation rollouts keep the env config's setting. ``obs_keys``: the observations a
+        policy trained from scratch sees, as the offline ``data.obs_keys`` (null: every camera and state; ``[state]``:
+        no pixels); a policy started ``init_from`` a checkpoint sees what that checkpoint was trained on."""
         super().__init__()
         self.env_cfg, self.num_envs, self.seed, self.batch_size = env, num_envs, seed, batch_size
         self.path, self.num_demos, self.replay_size = path, num_demos, replay_size
         self.history, self.horizon = history, horizon
+        self.obs_keys = None if obs_keys is None else list(obs_keys)
         from toolkit.exploration.terms import build_reward_terms
 
         self.reward_terms = build_reward_terms(goals, intrinsic, num_envs)
@@ -123,6 +128,11 @@ class OnlineDataModule(L.LightningDataModule):
         spec = check_env(self.env_cfg)
         spaces = spec.observation_space.spaces
         rgb = [k for k in spaces if k.startswith("rgb")]
+        if self.obs_keys is not None:
+            unknown = [k for k in self.obs_keys if k not in rgb and k != "state"]
+            if unknown:
+                raise ToolkitError(f"data.obs_keys={self.obs_keys}: the env gives no {unknown} (it gives {[*rgb, 'state']})")
+            rgb = [k for k in rgb if k in self.obs_keys]
         state_dim = int(spaces["state"].shape[-1])
         act = spec.action_space
         if isinstance(act, gym.spaces.Discrete):
