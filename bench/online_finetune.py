@@ -191,7 +191,8 @@ def main() -> None:
         lines += [f"| {label} | {sum(v) / len(v):+.1f} ({len(v)} seeds) |" for label, v in means.items()]
 
     lines += ["", "Diagnostics (from each run's metrics.csv; `first`/`last` = the first/last logged values; "
-              "training episodes are stochastic, the evaluation uses the Gaussian's mean):", "",
+              "training episodes are stochastic, the evaluation uses the Gaussian's mean or the most likely discrete action "
+              "unless --sample-eval):", "",
               "| seed | run | eval success by update | train-episode success first -> last | eval episode length | approx_kl (last 5) | "
               "clipfrac (last 5) | value loss first -> last | entropy first -> last |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -22,8 +22,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from toolkit.envs.stepper import EnvStepper
-from toolkit.errors import ToolkitError
 from toolkit.envs.vector import check_env, make_env
+from toolkit.errors import ToolkitError
 
 log = logging.getLogger(__name__)
 
