@@ -164,7 +164,9 @@ def main() -> None:
             label, overrides, from_bc = ROWS[key]
             if args.flare_lr is not None and key != "scratch":  # ppo_flare's lr, and 10x it with the stabilizers off
                 overrides = [*overrides, f"policy.lr={args.flare_lr * (10 if key == 'no_stabilizers' else 1):g}"]
-            name = f"{key}_{args.task}_d{args.demos}_u{args.ppo_steps}{args.tag}_s{seed}"
+            # a run from BC names the BC run it starts from: a reused run must have started from this one
+            start = f"_k{args.bc_steps}" if from_bc else ""
+            name = f"{key}_{args.task}_d{args.demos}{start}_u{args.ppo_steps}{args.tag}_s{seed}"
             s = run(name, args.root, [*env, *overrides, *sparse, *([f"init_from={ckpt}"] if from_bc else []),
                                       f"trainer.max_steps={args.ppo_steps}", f"trainer.val_check_interval={every}",
                                       f"seed={seed}", *sampled, *args.ppo_override], args.threads)
