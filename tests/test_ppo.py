@@ -275,7 +275,7 @@ def test_a_simulator_that_dies_is_restarted_its_partial_episodes_dropped_and_ste
 # --- the online loop --------------------------------------------------------------------------------------------
 def test_data_obs_keys_choose_what_a_policy_trained_from_scratch_sees():
     """``data.obs_keys=[state]`` online as offline: a from-scratch policy on BabyAI's symbolic view builds no image
-    encoder input; the default sees every camera; a key the env does not give is named in the error."""
+    encoder input; the default sees every camera; a key the env does not give, or a list without state, is refused."""
     env = {"_target_": "toolkit.envs.babyai.BabyAIEnv", "level": "GoToRedBall", "image_size": 16, "symbolic": True}
     every = OnlineDataModule(env, num_envs=1, seed=0)
     assert every.shape_meta["rgb_keys"] == ["rgb_top"]
@@ -284,6 +284,8 @@ def test_data_obs_keys_choose_what_a_policy_trained_from_scratch_sees():
     assert dm.shape_meta["state_dim"] == every.shape_meta["state_dim"] > 100  # the one-hot symbolic view
     with pytest.raises(ToolkitError, match=r"data.obs_keys=\['rgb_wrist', 'state'\].*rgb_wrist.*rgb_top"):
         OnlineDataModule(env, num_envs=1, seed=0, obs_keys=["rgb_wrist", "state"])
+    with pytest.raises(ToolkitError, match=r"data.obs_keys=\['rgb_top'\].*always read 'state'"):
+        OnlineDataModule(env, num_envs=1, seed=0, obs_keys=["rgb_top"])
 
 
 def test_every_update_cycle_acts_with_the_weights_of_all_updates_before_it():

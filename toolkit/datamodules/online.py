@@ -132,6 +132,8 @@ class OnlineDataModule(L.LightningDataModule):
             unknown = [k for k in self.obs_keys if k not in rgb and k != "state"]
             if unknown:
                 raise ToolkitError(f"data.obs_keys={self.obs_keys}: the env gives no {unknown} (it gives {[*rgb, 'state']})")
+            if "state" not in self.obs_keys:  # as offline, where episodes without obs/state are refused
+                raise ToolkitError(f"data.obs_keys={self.obs_keys}: the policies always read 'state'; list it")
             rgb = [k for k in rgb if k in self.obs_keys]
         state_dim = int(spaces["state"].shape[-1])
         act = spec.action_space
