@@ -22,7 +22,8 @@ The fine-tuning budget is ``--ppo-steps`` minibatch updates (``trainer.max_steps
         [--ppo-override k=v ...]
 
 Every run is a ``python train.py`` (one CPU thread each, ``num_threads``); a run whose ``summary.json``
-exists is reused, so the script can be re-run after an interruption or with more rows/seeds. Prints a
+exists is reused and one interrupted after a checkpoint continues from it (``train_command``), so the script can
+be re-run after an interruption (a session's end, a kill) or with more rows/seeds. Prints a
 markdown table (success before/after, env steps, wall time) and a diagnostics table read from each run's
 metrics.csv (training-episode success, approx_kl, clipfrac, value loss, entropy), and writes both to
 ``bench/results/online_finetune.md`` (``--out``).
@@ -77,25 +78,39 @@ def find_summary(root: Path, name: str) -> Path | None:
     return found[-1] if found else None
 
 
+def train_command(name: str, root: Path, overrides: list[str], threads: int) -> tuple[list[str], bool]:
+    """The ``python train.py`` command of run ``name``, and whether it continues an interrupted attempt: the
+    newest run dir of ``name``, if it holds ``checkpoints/last.ckpt`` but no summary.json, is run again in that
+    dir, where train.py continues its last.ckpt (as a requeued SLURM job does) and its CSV logs go on in the same
+    place. Only the newest attempt is continued (an older one was given up)."""
+    cmd = [sys.executable, str(ROOT / "train.py"), f"task_name={name}", f"paths.root_dir={root}",
+           f"num_threads={threads}", *overrides]
+    attempts = sorted((root / "logs" / name / "runs").glob("*"))
+    newest = attempts[-1] if attempts else None
+    if newest and (newest / "checkpoints" / "last.ckpt").exists() and not (newest / "summary.json").exists():
+        return [*cmd, f"hydra.run.dir={newest}"], True
+    return cmd, False
+
+
 def run(name: str, root: Path, overrides: list[str], threads: int) -> dict:
-    """``python train.py`` as run ``name`` (reused if its summary.json exists); the summary plus the
-    process's wall time (``process_wall_s``, stored next to the summary so a reused run reports it too)."""
+    """``python train.py`` as run ``name`` (reused if its summary.json exists, continued from its last.ckpt if an
+    earlier attempt was interrupted); the summary plus the process's wall time (``process_wall_s``, stored next to
+    the summary so a reused run reports it too; NaN for a continued run, whose earlier attempts were not timed)."""
     done = find_summary(root, name)
     if done is None:
-        cmd = [sys.executable, str(ROOT / "train.py"), f"task_name={name}", f"paths.root_dir={root}",
-               f"num_threads={threads}", *overrides]
+        cmd, resumed = train_command(name, root, overrides, threads)
         print("$", " ".join(cmd), flush=True)
         log = root / "stdout" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         code = code_fingerprint()
         start = time.perf_counter()
-        with open(log, "w") as out:
+        with open(log, "a" if resumed else "w") as out:
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=out, stderr=subprocess.STDOUT)
         elapsed = time.perf_counter() - start
         done = find_summary(root, name)
         if done is None:
             raise RuntimeError(f"{name}: train.py finished without a summary.json (see {log})")
-        (done.parent / "process_wall_s.txt").write_text(f"{elapsed:.1f}\n")
+        (done.parent / "process_wall_s.txt").write_text(f"{math.nan if resumed else elapsed:.1f}\n")
         (done.parent / "code.txt").write_text(code)
     else:
         print(f"reusing {done}", flush=True)

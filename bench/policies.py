@@ -2,13 +2,19 @@
 
 1. mixed-quality data (drawer-open): 10 expert + 40 noisy-expert episodes (action noise, epsilon-random
    actions) in one file; the BC transformer and IQL are trained on it;
-2. equal budget of expert labels (a task where BC with few demos fails often, pick-place by default):
-   DAgger starts from 3 demos and adds 4 iterations x 4 expert-labelled episodes; BC then gets as many
-   expert demonstrations as it takes to reach at least the same number of expert-labelled states.
+2. DAgger against BC (a task where BC with few demos fails often, pick-place by default): DAgger starts from
+   3 demos and adds ``--dagger-iterations`` x ``--dagger-episodes`` expert-labelled episodes (a beta-mixture of
+   expert and learner: beta 1, 0.5, 0.25, ...), its training steps split evenly between the iterations.
+   BC (the same BC transformer, the same number of training steps) gets expert demonstrations:
+   - equal expert labels: as many demos as it takes to reach the DAgger file's number of labelled states;
+   - equal episodes: as many demos as the DAgger file has episodes (as many initial configurations).
 
     python bench/policies.py [--root DIR] [--steps 1000] [--seeds 0 1 2] [--parts mixed dagger]
+        [--dagger-iterations 4] [--dagger-episodes 4] [--horizon H]
 
-Each run is a `python train.py` (see drawer_open.py). Prints a table and writes it to <root>/policies.md.
+Each run is a ``python train.py``; a run whose summary.json exists under ``--root`` is reused and one
+interrupted after a checkpoint continues from it (a DAgger run with its file), so the bench can be re-run after
+an interruption or with more seeds. Prints a table and writes it to <root>/policies.md.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from drawer_open import ROOT, run  # noqa: E402
+from online_finetune import find_summary, train_command  # noqa: E402
+from online_finetune import run as run_once  # noqa: E402
 
 
 def collect(path: Path, root: Path, n: int, *extra: str) -> None:
@@ -50,27 +58,57 @@ def mixed(root: Path, seeds: list[int], common: list[str], noise: float, epsilon
     return rows
 
 
-def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: int) -> list[tuple]:
+def demos_for_labels(lengths: list[int], labels: int) -> int:
+    """The fewest leading episodes (of the given lengths) whose steps reach ``labels``."""
+    total = np.cumsum(lengths)
+    if total[-1] < labels:
+        raise ValueError(f"{len(lengths)} episodes hold {total[-1]} steps, fewer than {labels}")
+    return int(np.searchsorted(total, labels)) + 1
+
+
+def dagger_overrides(path: Path, seed: int, steps: int, iterations: int, episodes: int) -> list[str]:
+    """DAgger from 3 demos, ``iterations`` x ``episodes`` labelled episodes, the ``steps`` training steps split
+    evenly: iteration k runs after (k + 1) * steps // (iterations + 1) steps, the last stretch trains on it all."""
+    return ["policy=dagger", f"data.path={path}", "data.num_demos=3", f"seed={seed}",
+            f"callbacks.dagger.iterations={iterations}", f"callbacks.dagger.episodes_per_iteration={episodes}",
+            f"callbacks.dagger.steps_per_iteration={steps // (iterations + 1)}"]
+
+
+def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: int, iterations: int,
+           episodes: int, threads: int, tag: str = "") -> list[tuple]:
+    """The DAgger rows; ``tag`` (e.g. ``_h1``) names runs whose ``common`` overrides differ from the defaults."""
     env = [f"env.task={task}"]
     expert = root / "data" / f"{task}_expert.hdf5"
     collect(expert, root, 100, *env)
-    lengths = np.cumsum(episode_lengths(expert))
-    dagger_runs, bc_runs, budgets = [], [], []
+    runs: dict[str, list] = {"dagger": [], "labels": [], "episodes": []}
+    budgets: dict[str, list[str]] = {"dagger": [], "labels": [], "episodes": []}
     for s in seeds:
-        path = root / "data" / f"{task}_dagger_s{s}.hdf5"
-        dagger_runs.append(run(f"dagger_{task}_s{s}", root, [
-            "policy=dagger", f"data.path={path}", "data.num_demos=3", f"seed={s}", *env, *common,
-            "callbacks.dagger.iterations=4", "callbacks.dagger.episodes_per_iteration=4",
-            f"callbacks.dagger.steps_per_iteration={steps // 5}"]))
-        labels = sum(episode_lengths(path))
-        n = int(np.searchsorted(lengths, labels)) + 1  # demos whose steps first reach the DAgger file's labels
-        budgets.append((labels, n, int(lengths[n - 1])))
-        bc_runs.append(run(f"bc_{task}_s{s}", root, [f"data.path={expert}", f"data.num_demos={n}", f"seed={s}",
-                                                      *env, *common]))
-    d = ", ".join(f"{labels}" for labels, _, _ in budgets)
-    b = ", ".join(f"{n} demos = {steps_}" for _, n, steps_ in budgets)
-    return [(f"equal expert labels ({task})", "DAgger: 3 demos + 4 x 4 labelled episodes", d, dagger_runs),
-            (f"equal expert labels ({task})", "BC transformer on expert demos", b, bc_runs)]
+        name = f"dagger_{task}_i{iterations}x{episodes}_k{steps}{tag}_s{s}"
+        path = root / "data" / f"{name}.hdf5"
+        overrides = [*dagger_overrides(path, s, steps, iterations, episodes), *env, *common]
+        if find_summary(root, name) is None and not train_command(name, root, overrides, threads)[1]:
+            path.unlink(missing_ok=True)  # a run killed before its first checkpoint starts again from 3 demos
+        # (one killed later continues from its checkpoint and the file, rolling out only the missing episodes)
+        runs["dagger"].append(run_once(name, root, overrides, threads))
+        lengths = episode_lengths(path)
+        labels, n_episodes = sum(lengths), len(lengths)
+        while sum(episode_lengths(expert)) < labels or len(episode_lengths(expert)) < n_episodes:
+            collect(expert, root, len(episode_lengths(expert)) + 50, *env)  # tops the expert file up
+        n_labels = demos_for_labels(episode_lengths(expert), labels)
+        budgets["dagger"].append(f"{labels} ({n_episodes} ep.)")
+        for key, n in (("labels", n_labels), ("episodes", n_episodes)):
+            runs[key].append(run_once(f"bc_{task}_d{n}_k{steps}{tag}_s{s}", root,
+                                      [f"data.path={expert}", f"data.num_demos={n}", f"seed={s}", *env, *common],
+                                      threads))
+            n_steps = int(np.sum(episode_lengths(expert)[:n]))
+            budgets[key].append(f"{n} demos = {n_steps}")
+    data = f"({task}, {steps} training steps)"
+    return [(f"DAgger {data}", f"DAgger: 3 demos + {iterations} x {episodes} labelled episodes",
+             ", ".join(budgets["dagger"]), runs["dagger"]),
+            (f"equal expert labels {data}", "BC transformer on expert demos", ", ".join(budgets["labels"]),
+             runs["labels"]),
+            (f"equal episodes {data}", "BC transformer on expert demos", ", ".join(budgets["episodes"]),
+             runs["episodes"])]
 
 
 def main() -> None:
@@ -82,15 +120,21 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=1.0)
     parser.add_argument("--epsilon", type=float, default=0.3)
     parser.add_argument("--dagger-task", default="pick-place-v3")
+    parser.add_argument("--dagger-iterations", type=int, default=4)
+    parser.add_argument("--dagger-episodes", type=int, default=4, help="labelled episodes per DAgger iteration")
+    parser.add_argument("--horizon", type=int, default=None, help="data.horizon (action chunk) of every run")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run (num_threads)")
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="bench_policies_"))
-    common = [f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}"]
+    common = [f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}",
+              *([f"data.horizon={args.horizon}"] if args.horizon is not None else [])]
 
     rows = []
     if "mixed" in args.parts:
         rows += mixed(root, args.seeds, common, args.noise, args.epsilon)
     if "dagger" in args.parts:
-        rows += dagger(root, args.seeds, common, args.dagger_task, args.steps)
+        rows += dagger(root, args.seeds, common, args.dagger_task, args.steps, args.dagger_iterations,
+                       args.dagger_episodes, args.threads, "" if args.horizon is None else f"_h{args.horizon}")
     seeds = ", ".join(map(str, args.seeds))
     lines = [f"| data | policy | expert-labelled states | success per seed ({seeds}) | mean success | "
              f"mean ep. length |", "|---|---|---|---|---|---|"]
@@ -99,6 +143,17 @@ def main() -> None:
         length = np.mean([r["rollout/episode_length"] for r in runs])
         lines.append(f"| {data} | {policy} | {labels} | {', '.join(f'{x:.0%}' for x in success)} | "
                      f"{np.mean(success):.0%} | {length:.1f} |")
+    dagger_runs = [(seed, r) for _, policy, _, runs in rows if policy.startswith("DAgger")
+                   for seed, r in zip(args.seeds, runs)]
+    if dagger_runs:
+        lines += ["", "DAgger's iterations (from each run's metrics.csv): the mixture's success and the fraction of "
+                  "executed actions that were the expert's, per iteration:", ""]
+        for seed, r in dagger_runs:
+            m = r["metrics"]
+            per_iteration = zip(m.get("dagger/beta", []), m.get("dagger/rollout_success", []),
+                                m.get("dagger/expert_action_fraction", []))
+            lines.append(f"- seed {seed}: " + ", ".join(
+                f"beta {b:.3g}: success {s_:.0%}, expert {e:.0%}" for (_, b), (_, s_), (_, e) in per_iteration))
     table = "\n".join(lines)
     print(table)
     (root / "policies.md").write_text(table + "\n")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import ROOT
 
@@ -73,3 +75,60 @@ def test_the_babyai_film_experiment_is_the_benchs_99_percent_variant():
     assert experiment.callbacks.rollout == bench.callbacks.rollout
     # the README's way back to the recipe without the view model (Hydra refuses state_encoder=null here)
     assert linear.policy.state_encoder is None and linear.data == experiment.data
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 500), min_size=1, max_size=50), st.data())
+def test_bc_at_equal_labels_gets_the_fewest_demos_that_reach_daggers_labels(lengths, data):
+    """bench/policies.py: BC's demos at an equal budget of expert labels are the fewest leading demos whose
+    steps reach the DAgger file's labelled states."""
+    from policies import demos_for_labels
+
+    labels = data.draw(st.integers(1, sum(lengths)))
+    n = demos_for_labels(lengths, labels)
+    assert sum(lengths[:n]) >= labels > sum(lengths[:n - 1])
+    with pytest.raises(ValueError, match="fewer than"):
+        demos_for_labels(lengths, sum(lengths) + 1)
+
+
+@pytest.mark.parametrize("iterations, episodes, steps", [(4, 4, 1000), (10, 4, 2200)])
+def test_dagger_bench_runs_the_iterations_it_names(tmp_path, iterations, episodes, steps):
+    """The DAgger row's overrides: 3 demos, the named iterations x episodes, its iterations spread over the
+    training steps BC gets (the last one a stretch before the end), the bench's own file, DAgger's beta mixture
+    1, 0.5, 0.25, ..."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from policies import dagger_overrides
+
+    path = tmp_path / "dagger.hdf5"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*dagger_overrides(path, 2, steps, iterations, episodes),
+                                          "env.task=pick-place-v3", f"trainer.max_steps={steps}"])
+    d = cfg.callbacks.dagger
+    assert cfg.data.num_demos == 3 and cfg.data.path == str(path) and cfg.seed == 2
+    assert (d.iterations, d.episodes_per_iteration) == (iterations, episodes)
+    # the last iteration leaves a stretch of training on the whole aggregate
+    assert (d.iterations + 1) * d.steps_per_iteration <= steps < (d.iterations + 2) * d.steps_per_iteration
+    assert (d.beta0, d.decay) == (1.0, 0.5)
+    assert cfg.policy._target_.endswith("BCTransformer")
+
+
+def test_an_interrupted_bench_run_continues_in_its_own_run_dir(tmp_path):
+    """bench/online_finetune.py's runs (also crafter_ellm's and policies' DAgger rows): a run killed after a
+    checkpoint (a session's end) is run again in the same dir, where train.py continues its last.ckpt; a finished
+    run or one without a checkpoint is not."""
+    from online_finetune import train_command
+
+    runs = tmp_path / "logs" / "flare_s0" / "runs"
+    cmd, resumed = train_command("flare_s0", tmp_path, ["seed=0"], 1)
+    assert not resumed and not any(c.startswith("hydra.run.dir=") for c in cmd) and "seed=0" in cmd
+    (runs / "2026-01-01_00-00-00").mkdir(parents=True)  # started, killed before its first checkpoint
+    assert train_command("flare_s0", tmp_path, [], 1)[1] is False
+    for ts in ("2026-01-01_00-00-00", "2026-01-02_00-00-00"):
+        (runs / ts / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (runs / ts / "checkpoints" / "last.ckpt").write_bytes(b"")
+    cmd, resumed = train_command("flare_s0", tmp_path, [], 1)
+    assert resumed and cmd[-1] == f"hydra.run.dir={runs / '2026-01-02_00-00-00'}"  # the newest attempt
+    (runs / "2026-01-02_00-00-00" / "summary.json").write_text("{}")  # it finished: nothing to continue
+    assert train_command("flare_s0", tmp_path, [], 1)[1] is False
