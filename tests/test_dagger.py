@@ -78,6 +78,23 @@ def test_dagger_run_appends_expert_labelled_episodes(dagger_run):
     assert [float(r["dagger/train_windows"]) for r in rows] == [24.0, 36.0]
 
 
+def test_the_learner_may_act_with_every_action_the_expert_labelled(dagger_run):
+    """The learner's action clipping range starts as the initial demos' (here demo_0's: demo_1 is validation) and
+    widens to every label in the file after each iteration; a learner capped below the expert's labels could not
+    follow them (pick-place-v3's 3 demos reach x = 0.67 where the expert goes to 1.0)."""
+    import torch
+
+    root, _ = dagger_run
+    episodes = _episodes(Path(root, "data", "debug_drawer-open-v3_corner4_32px.hdf5"))
+    labels = np.concatenate([e["actions"] for e in episodes])
+    initial = episodes[0]["actions"]
+    assert (labels.max(0) > initial.max(0)).any() or (labels.min(0) < initial.min(0)).any()  # the labels go beyond
+    (ckpt,) = Path(root, "logs", "debug", "runs").glob("*/checkpoints/last.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    np.testing.assert_allclose(state["action_low"].numpy(), labels.min(0), atol=1e-6)
+    np.testing.assert_allclose(state["action_high"].numpy(), labels.max(0), atol=1e-6)
+
+
 class ZeroPolicy:
     """A learner that never moves (Meta-World actions are position deltas)."""
 

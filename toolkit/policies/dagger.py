@@ -13,6 +13,11 @@ finished episode) with attrs ``source="dagger_iter<k>"``, ``success`` (of the mi
 ``seed``. Seeds start at ``seed`` (2,000,000 by default, disjoint from collection and evaluation) and
 continue after the DAgger seeds already in the file, so a second run on the same file never repeats one.
 
+The learner's action clipping range (``action_low``/``action_high``, the initial demos' min and max) widens
+to every label in the file after each iteration (``widen_action_range``): with 3 initial demos it would
+otherwise cap the learner below actions the expert labels (pick-place-v3: x at most 0.67 where the expert
+goes to 1.0). The normalization statistics stay those of the initial demos.
+
 Iteration ``k`` runs when ``trainer.global_step == (k + 1) * steps_per_iteration`` (so a resumed run
 does not repeat finished iterations). After writing, the datamodule re-reads the file
 (``EpisodeDataModule.refresh``: all episodes, normalization unchanged) and the running training epoch
@@ -75,6 +80,23 @@ def dagger_episodes_in_file(path) -> list[tuple[int, str]]:
         groups = [f["data"][n] for n in episode_names(f)]
         sources = [(g.attrs.get("seed"), str(g.attrs.get("source", ""))) for g in groups]
         return [(int(seed), source) for seed, source in sources if source.startswith(SOURCE_PREFIX) and seed is not None]
+
+
+def widen_action_range(policy: Any, path) -> tuple[np.ndarray, np.ndarray]:
+    """Let the learner act with every action the expert labelled: its action clipping range
+    (``action_low``/``action_high``: the initial demos' min and max) widened to the labels of every episode in
+    the file. The normalizers stay fixed (the trained network's outputs keep their meaning). Returns the range."""
+    import torch
+
+    from toolkit.datamodules.episode_file import episode_names, open_episode_file
+
+    with open_episode_file(path) as f:
+        actions = np.concatenate([f["data"][n]["actions"][()] for n in episode_names(f)]).astype(np.float32)
+    low = torch.as_tensor(actions.min(0), device=policy.action_low.device).reshape(policy.action_low.shape)
+    high = torch.as_tensor(actions.max(0), device=policy.action_high.device).reshape(policy.action_high.shape)
+    policy.action_low.copy_(torch.minimum(policy.action_low, low))
+    policy.action_high.copy_(torch.maximum(policy.action_high, high))
+    return policy.action_low.cpu().numpy(), policy.action_high.cpu().numpy()
 
 
 def mixture_rollouts(policy: Any, envs, seeds: list[int], beta: float, rng: np.random.Generator):
@@ -210,6 +232,8 @@ class DAggerCallback(L.Callback):
             release_data_files(trainer)
             trainer.datamodule.refresh()
             _reload_dataloaders(trainer)
+            # (labels appended after the checkpoint was written are not in its range yet)
+            widen_action_range(pl_module, trainer.datamodule.path)
             log.info(f"DAgger: resumed at step {trainer.global_step}, training on all "
                      f"{_train_windows(trainer)} training windows of {trainer.datamodule.path}")
 
@@ -263,6 +287,7 @@ class DAggerCallback(L.Callback):
             pl_module.train(was_training)
         dm.refresh()
         _reload_dataloaders(trainer)
+        widen_action_range(pl_module, dm.path)
 
         metrics = {
             "dagger/iteration": float(iteration),
