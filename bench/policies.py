@@ -4,13 +4,15 @@
    actions) in one file; the BC transformer and IQL are trained on it;
 2. DAgger against BC (a task where BC with few demos fails often, pick-place by default): DAgger starts from
    3 demos and adds ``--dagger-iterations`` x ``--dagger-episodes`` expert-labelled episodes (a beta-mixture of
-   expert and learner: beta 1, 0.5, 0.25, ...), its training steps split evenly between the iterations.
-   BC (the same BC transformer, the same number of training steps) gets expert demonstrations:
+   expert and learner: beta 1, 0.5, 0.25, ...), ``--dagger-steps`` training steps per iteration (by default
+   ``--steps`` split evenly: iterations + 1 cycles, each on the aggregate of its time, the learning rate's cosine
+   restarted at every iteration), the last cycle on the whole aggregate.
+   BC (the same BC transformer, ``--steps`` training steps) gets expert demonstrations:
    - equal expert labels: as many demos as it takes to reach the DAgger file's number of labelled states;
    - equal episodes: as many demos as the DAgger file has episodes (as many initial configurations).
 
     python bench/policies.py [--root DIR] [--steps 1000] [--seeds 0 1 2] [--parts mixed dagger]
-        [--dagger-iterations 4] [--dagger-episodes 4] [--horizon H]
+        [--dagger-iterations 4] [--dagger-episodes 4] [--dagger-steps N] [--horizon H]
 
 Each run is a ``python train.py``; a run whose summary.json exists under ``--root`` is reused and one
 interrupted after a checkpoint continues from it (a DAgger run with its file), so the bench can be re-run after
@@ -58,6 +60,10 @@ def mixed(root: Path, seeds: list[int], common: list[str], noise: float, epsilon
     return rows
 
 
+def steps_overrides(steps: int) -> list[str]:
+    return [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}"]
+
+
 def demos_for_labels(lengths: list[int], labels: int) -> int:
     """The fewest leading episodes (of the given lengths) whose steps reach ``labels``."""
     total = np.cumsum(lengths)
@@ -66,26 +72,29 @@ def demos_for_labels(lengths: list[int], labels: int) -> int:
     return int(np.searchsorted(total, labels)) + 1
 
 
-def dagger_overrides(path: Path, seed: int, steps: int, iterations: int, episodes: int) -> list[str]:
-    """DAgger from 3 demos, ``iterations`` x ``episodes`` labelled episodes, the ``steps`` training steps split
-    evenly: iteration k runs after (k + 1) * steps // (iterations + 1) steps, the last stretch trains on it all."""
+def dagger_overrides(path: Path, seed: int, per_iteration: int, iterations: int, episodes: int) -> list[str]:
+    """DAgger from 3 demos, ``iterations`` x ``episodes`` labelled episodes, iteration k after (k + 1) *
+    ``per_iteration`` steps (each a cosine cycle of the learning rate), and a last cycle on the whole aggregate."""
+    total = (iterations + 1) * per_iteration
     return ["policy=dagger", f"data.path={path}", "data.num_demos=3", f"seed={seed}",
             f"callbacks.dagger.iterations={iterations}", f"callbacks.dagger.episodes_per_iteration={episodes}",
-            f"callbacks.dagger.steps_per_iteration={steps // (iterations + 1)}"]
+            f"callbacks.dagger.steps_per_iteration={per_iteration}", f"trainer.max_steps={total}",
+            f"trainer.val_check_interval={total}"]
 
 
 def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: int, iterations: int,
-           episodes: int, threads: int, tag: str = "") -> list[tuple]:
-    """The DAgger rows; ``tag`` (e.g. ``_h1``) names runs whose ``common`` overrides differ from the defaults."""
+           episodes: int, per_iteration: int, threads: int, tag: str = "") -> list[tuple]:
+    """The DAgger rows (BC trained ``steps`` steps, DAgger ``per_iteration`` per iteration); ``tag`` (e.g. ``_h1``)
+    names runs whose ``common`` overrides differ from the defaults."""
     env = [f"env.task={task}"]
     expert = root / "data" / f"{task}_expert.hdf5"
     collect(expert, root, 100, *env)
     runs: dict[str, list] = {"dagger": [], "labels": [], "episodes": []}
     budgets: dict[str, list[str]] = {"dagger": [], "labels": [], "episodes": []}
     for s in seeds:
-        name = f"dagger_{task}_i{iterations}x{episodes}_k{steps}{tag}_s{s}"
+        name = f"dagger_{task}_i{iterations}x{episodes}_p{per_iteration}{tag}_s{s}"
         path = root / "data" / f"{name}.hdf5"
-        overrides = [*dagger_overrides(path, s, steps, iterations, episodes), *env, *common]
+        overrides = [*dagger_overrides(path, s, per_iteration, iterations, episodes), *env, *common]
         if find_summary(root, name) is None and not train_command(name, root, overrides, threads)[1]:
             path.unlink(missing_ok=True)  # a run killed before its first checkpoint starts again from 3 demos
         # (one killed later continues from its checkpoint and the file, rolling out only the missing episodes)
@@ -98,12 +107,13 @@ def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: in
         budgets["dagger"].append(f"{labels} ({n_episodes} ep.)")
         for key, n in (("labels", n_labels), ("episodes", n_episodes)):
             runs[key].append(run_once(f"bc_{task}_d{n}_k{steps}{tag}_s{s}", root,
-                                      [f"data.path={expert}", f"data.num_demos={n}", f"seed={s}", *env, *common],
-                                      threads))
+                                      [f"data.path={expert}", f"data.num_demos={n}", f"seed={s}", *env,
+                                       *steps_overrides(steps), *common], threads))
             n_steps = int(np.sum(episode_lengths(expert)[:n]))
             budgets[key].append(f"{n} demos = {n_steps}")
-    data = f"({task}, {steps} training steps)"
-    return [(f"DAgger {data}", f"DAgger: 3 demos + {iterations} x {episodes} labelled episodes",
+    data = f"({task}, BC {steps} training steps)"
+    return [(f"DAgger {data}", f"DAgger: 3 demos + {iterations} x {episodes} labelled episodes, "
+                               f"{per_iteration} steps per iteration",
              ", ".join(budgets["dagger"]), runs["dagger"]),
             (f"equal expert labels {data}", "BC transformer on expert demos", ", ".join(budgets["labels"]),
              runs["labels"]),
@@ -122,19 +132,22 @@ def main() -> None:
     parser.add_argument("--dagger-task", default="pick-place-v3")
     parser.add_argument("--dagger-iterations", type=int, default=4)
     parser.add_argument("--dagger-episodes", type=int, default=4, help="labelled episodes per DAgger iteration")
+    parser.add_argument("--dagger-steps", type=int, default=None,
+                        help="DAgger's training steps per iteration (default: --steps // (iterations + 1))")
     parser.add_argument("--horizon", type=int, default=None, help="data.horizon (action chunk) of every run")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run (num_threads)")
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="bench_policies_"))
-    common = [f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}",
-              *([f"data.horizon={args.horizon}"] if args.horizon is not None else [])]
+    common = [f"data.horizon={args.horizon}"] if args.horizon is not None else []
 
     rows = []
     if "mixed" in args.parts:
-        rows += mixed(root, args.seeds, common, args.noise, args.epsilon)
+        rows += mixed(root, args.seeds, [*steps_overrides(args.steps), *common], args.noise, args.epsilon)
     if "dagger" in args.parts:
+        per_iteration = args.dagger_steps or args.steps // (args.dagger_iterations + 1)
         rows += dagger(root, args.seeds, common, args.dagger_task, args.steps, args.dagger_iterations,
-                       args.dagger_episodes, args.threads, "" if args.horizon is None else f"_h{args.horizon}")
+                       args.dagger_episodes, per_iteration, args.threads,
+                       "" if args.horizon is None else f"_h{args.horizon}")
     seeds = ", ".join(map(str, args.seeds))
     lines = [f"| data | policy | expert-labelled states | success per seed ({seeds}) | mean success | "
              f"mean ep. length |", "|---|---|---|---|---|---|"]

@@ -91,27 +91,38 @@ def test_bc_at_equal_labels_gets_the_fewest_demos_that_reach_daggers_labels(leng
         demos_for_labels(lengths, sum(lengths) + 1)
 
 
-@pytest.mark.parametrize("iterations, episodes, steps", [(4, 4, 1000), (10, 4, 2200)])
-def test_dagger_bench_runs_the_iterations_it_names(tmp_path, iterations, episodes, steps):
-    """The DAgger row's overrides: 3 demos, the named iterations x episodes, its iterations spread over the
-    training steps BC gets (the last one a stretch before the end), the bench's own file, DAgger's beta mixture
-    1, 0.5, 0.25, ..."""
+@pytest.mark.parametrize("iterations, episodes, per_iteration", [(4, 4, 200), (10, 4, 1000)])
+def test_dagger_bench_runs_the_iterations_it_names(tmp_path, iterations, episodes, per_iteration):
+    """The DAgger row's overrides: 3 demos, the named iterations x episodes, iteration k after (k + 1) x the
+    steps per iteration, a last cycle of as many steps on the whole aggregate, the learning rate's cosine
+    restarted at every iteration, the bench's own file, DAgger's beta mixture 1, 0.5, 0.25, ..."""
+    import torch
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
     from policies import dagger_overrides
 
     path = tmp_path / "dagger.hdf5"
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*dagger_overrides(path, 2, steps, iterations, episodes),
-                                          "env.task=pick-place-v3", f"trainer.max_steps={steps}"])
+        cfg = compose("train", overrides=[*dagger_overrides(path, 2, per_iteration, iterations, episodes),
+                                          "env.task=pick-place-v3"])
     d = cfg.callbacks.dagger
     assert cfg.data.num_demos == 3 and cfg.data.path == str(path) and cfg.seed == 2
-    assert (d.iterations, d.episodes_per_iteration) == (iterations, episodes)
-    # the last iteration leaves a stretch of training on the whole aggregate
-    assert (d.iterations + 1) * d.steps_per_iteration <= steps < (d.iterations + 2) * d.steps_per_iteration
+    assert (d.iterations, d.episodes_per_iteration, d.steps_per_iteration) == (iterations, episodes, per_iteration)
+    assert cfg.trainer.max_steps == (iterations + 1) * per_iteration == cfg.trainer.val_check_interval
     assert (d.beta0, d.decay) == (1.0, 0.5)
     assert cfg.policy._target_.endswith("BCTransformer")
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.policy.lr)
+    scheduler = instantiate(cfg.policy.scheduler)(optimizer=optimizer)
+    lrs = []
+    for _ in range(cfg.trainer.max_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    for k in range(iterations + 1):  # each iteration's aggregate starts at the full learning rate
+        assert lrs[k * per_iteration] == pytest.approx(cfg.policy.lr)
+        assert lrs[(k + 1) * per_iteration - 1] < 0.01 * cfg.policy.lr
 
 
 def test_an_interrupted_bench_run_continues_in_its_own_run_dir(tmp_path):

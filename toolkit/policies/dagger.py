@@ -19,7 +19,10 @@ otherwise cap the learner below actions the expert labels (pick-place-v3: x at m
 goes to 1.0). The normalization statistics stay those of the initial demos.
 
 Iteration ``k`` runs when ``trainer.global_step == (k + 1) * steps_per_iteration`` (so a resumed run
-does not repeat finished iterations). After writing, the datamodule re-reads the file
+does not repeat finished iterations). The learning rate follows a cosine over each iteration's steps, restarted
+when its episodes join the data (``CosinePerIteration``, ``policy=dagger``'s scheduler), so every iteration's
+policy is trained on its aggregate as Ross et al. train it; ``trainer.max_steps = (iterations + 1) *
+steps_per_iteration`` gives the last aggregate a whole cycle. After writing, the datamodule re-reads the file
 (``EpisodeDataModule.refresh``: all episodes, normalization unchanged) and the running training epoch
 continues on a new train dataloader over the aggregate (see ``_reload_dataloaders``).
 """
@@ -33,6 +36,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from toolkit.errors import ToolkitError
@@ -86,8 +90,6 @@ def widen_action_range(policy: Any, path) -> tuple[np.ndarray, np.ndarray]:
     """Let the learner act with every action the expert labelled: its action clipping range
     (``action_low``/``action_high``: the initial demos' min and max) widened to the labels of every episode in
     the file. The normalizers stay fixed (the trained network's outputs keep their meaning). Returns the range."""
-    import torch
-
     from toolkit.datamodules.episode_file import episode_names, open_episode_file
 
     with open_episode_file(path) as f:
@@ -97,6 +99,19 @@ def widen_action_range(policy: Any, path) -> tuple[np.ndarray, np.ndarray]:
     policy.action_low.copy_(torch.minimum(policy.action_low, low))
     policy.action_high.copy_(torch.maximum(policy.action_high, high))
     return policy.action_low.cpu().numpy(), policy.action_high.cpu().numpy()
+
+
+class CosinePerIteration(torch.optim.lr_scheduler.CosineAnnealingWarmRestarts):
+    """DAgger's learning-rate schedule: a cosine from ``lr`` to 0 over ``T_max`` steps (one iteration), restarted
+    at every multiple of ``T_max``, i.e. when an iteration's episodes join the training data.
+
+    Why (measured on pick-place-v3, 4 iterations of 200 steps): with one cosine over the whole run the last two
+    aggregates trained at a learning rate below 3e-5; the training loss jumped from 0.19 to 0.43 when the last
+    iteration's episodes arrived and was still 0.35 at the end (BC on expert demos: 0.05), and DAgger scored 0-5%
+    against BC's 15-32%."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, T_max: int) -> None:
+        super().__init__(optimizer, T_0=T_max)
 
 
 def mixture_rollouts(policy: Any, envs, seeds: list[int], beta: float, rng: np.random.Generator):
@@ -167,7 +182,7 @@ class DAggerCallback(L.Callback):
         self,
         env: DictConfig | dict,
         iterations: int = 4,
-        steps_per_iteration: int = 250,
+        steps_per_iteration: int = 300,
         episodes_per_iteration: int = 10,
         num_envs: int = 2,
         beta0: float = 1.0,
