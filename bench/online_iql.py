@@ -12,7 +12,7 @@ episodes: action noise and epsilon-random actions, failures kept), for each seed
 Every evaluation uses the same 20 unseen positions (seeds 1,000,000+); training episodes start at seed 500,000.
 
     python bench/online_iql.py [--root DIR] [--seeds 0 1 2] [--offline-steps 1000] [--online-steps 2000]
-        [--updates-per-cycle 8] [--episodes 20] [--override k=v ...]
+        [--updates-per-cycle 8] [--episodes 20] [--evals 2] [--override k=v ... --tag _name]
 
 Finished runs are reused (see bench/online_finetune.py). Prints a markdown table and writes it to
 ``bench/results/online_iql.md`` (``--out``).
@@ -43,7 +43,9 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=1.0)
     parser.add_argument("--epsilon", type=float, default=0.3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--evals", type=int, default=2, help="evaluations during the online run (the last at the end)")
     parser.add_argument("--override", nargs="*", default=[], help="extra train.py overrides of the online runs")
+    parser.add_argument("--tag", default="", help="appended to the online runs' names (a variant's own runs)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "online_iql.md")
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
@@ -59,10 +61,10 @@ def main() -> None:
         offline = run(f"iql_offline_{args.task}_k{args.offline_steps}_s{seed}", args.root,
                       [*common, "policy=iql", f"trainer.max_steps={args.offline_steps}",
                        f"trainer.val_check_interval={args.offline_steps}", f"seed={seed}"], args.threads)
-        online = run(f"iql_online_{args.task}_k{args.offline_steps}_u{args.online_steps}_s{seed}", args.root,
+        online = run(f"iql_online_{args.task}_k{args.offline_steps}_u{args.online_steps}{args.tag}_s{seed}", args.root,
                      [*common, "policy=iql_online", f"init_from={offline['last_checkpoint']}",
                       f"policy.updates_per_cycle={args.updates_per_cycle}", f"trainer.max_steps={args.online_steps}",
-                      f"trainer.val_check_interval={max(1, args.online_steps // 2)}", f"seed={seed}", *args.override],
+                      f"trainer.val_check_interval={max(1, args.online_steps // args.evals)}", f"seed={seed}", *args.override],
                      args.threads)
         rows.append((seed, offline, online))
 
