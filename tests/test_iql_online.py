@@ -303,6 +303,8 @@ def test_train_fine_tunes_an_offline_iql_checkpoint_online(offline_run, tmp_path
     assert all(m["train/q_loss"] for m in logged)
     policy = load_policy(run / "checkpoints/last.ckpt")
     assert type(policy).__name__ == "IQLOnline" and policy.replay is None  # the buffer is not in checkpoints
+    # online, every loss trains the trunk (the offline checkpoint's critic-only routing collapsed the actor)
+    assert policy.hparams["encoder_updated_by"] == "all"
     source = torch.load(ckpt, weights_only=True)["state_dict"]
     assert set(source) <= set(policy.state_dict())
 
