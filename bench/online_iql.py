@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="appended to the online runs' names (a variant's own runs)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "online_iql.md")
     args = parser.parse_args()
+    if not 1 <= args.evals <= args.online_steps:
+        parser.error(f"--evals {args.evals}: needs 1 <= evals <= --online-steps ({args.online_steps})")
     args.root.mkdir(parents=True, exist_ok=True)
 
     data = args.root / "data" / f"{args.task}_mixed.hdf5"
