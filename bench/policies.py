@@ -9,7 +9,10 @@
    restarted at every iteration), the last cycle on the whole aggregate.
    BC (the same BC transformer, ``--steps`` training steps) gets expert demonstrations:
    - equal expert labels: as many demos as it takes to reach the DAgger file's number of labelled states;
-   - equal episodes: as many demos as the DAgger file has episodes (as many initial configurations).
+   - equal episodes: as many demos as the DAgger file has episodes (as many initial configurations);
+   - DAgger's aggregate: the DAgger file itself (3 demos + the labelled mixture episodes), BC trained on it from
+     scratch for ``--steps`` steps. Ross et al. train each policy on the aggregate; this row also separates what
+     the data brings (against the two BC rows, at the same training) from DAgger's warm-started schedule.
 
     python bench/policies.py [--root DIR] [--steps 1000] [--seeds 0 1 2] [--parts mixed dagger]
         [--dagger-iterations 4] [--dagger-episodes 4] [--dagger-steps N] [--horizon H]
@@ -82,6 +85,11 @@ def dagger_overrides(path: Path, seed: int, per_iteration: int, iterations: int,
             f"trainer.val_check_interval={total}"]
 
 
+def aggregate_overrides(path: Path, episodes: int, seed: int, steps: int) -> list[str]:
+    """BC from scratch on every episode of a DAgger file (its expert labels), ``steps`` training steps."""
+    return [f"data.path={path}", f"data.num_demos={episodes}", f"seed={seed}", *steps_overrides(steps)]
+
+
 def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: int, iterations: int,
            episodes: int, per_iteration: int, threads: int, tag: str = "") -> list[tuple]:
     """The DAgger rows (BC trained ``steps`` steps, DAgger ``per_iteration`` per iteration); ``tag`` (e.g. ``_h1``)
@@ -89,8 +97,8 @@ def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: in
     env = [f"env.task={task}"]
     expert = root / "data" / f"{task}_expert.hdf5"
     collect(expert, root, 100, *env)
-    runs: dict[str, list] = {"dagger": [], "labels": [], "episodes": []}
-    budgets: dict[str, list[str]] = {"dagger": [], "labels": [], "episodes": []}
+    runs: dict[str, list] = {"dagger": [], "labels": [], "episodes": [], "aggregate": []}
+    budgets: dict[str, list[str]] = {"dagger": [], "labels": [], "episodes": [], "aggregate": []}
     for s in seeds:
         name = f"dagger_{task}_i{iterations}x{episodes}_p{per_iteration}{tag}_s{s}"
         path = root / "data" / f"{name}.hdf5"
@@ -105,6 +113,9 @@ def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: in
             collect(expert, root, len(episode_lengths(expert)) + 50, *env)  # tops the expert file up
         n_labels = demos_for_labels(episode_lengths(expert), labels)
         budgets["dagger"].append(f"{labels} ({n_episodes} ep.)")
+        runs["aggregate"].append(run_once(f"bc_on_{name}_k{steps}", root, aggregate_overrides(path, n_episodes, s, steps)
+                                          + [*env, *common], threads))
+        budgets["aggregate"].append(f"{labels} ({n_episodes} ep.)")
         for key, n in (("labels", n_labels), ("episodes", n_episodes)):
             runs[key].append(run_once(f"bc_{task}_d{n}_k{steps}{tag}_s{s}", root,
                                       [f"data.path={expert}", f"data.num_demos={n}", f"seed={s}", *env,
@@ -118,7 +129,9 @@ def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: in
             (f"equal expert labels {data}", "BC transformer on expert demos", ", ".join(budgets["labels"]),
              runs["labels"]),
             (f"equal episodes {data}", "BC transformer on expert demos", ", ".join(budgets["episodes"]),
-             runs["episodes"])]
+             runs["episodes"]),
+            (f"DAgger's aggregate {data}", "BC transformer on the DAgger file, trained from scratch",
+             ", ".join(budgets["aggregate"]), runs["aggregate"])]
 
 
 def main() -> None:

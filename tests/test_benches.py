@@ -125,6 +125,27 @@ def test_dagger_bench_runs_the_iterations_it_names(tmp_path, iterations, episode
         assert lrs[(k + 1) * per_iteration - 1] < 0.01 * cfg.policy.lr
 
 
+def test_the_aggregate_row_is_plain_bc_on_every_episode_of_the_dagger_file(tmp_path):
+    """bench/policies.py's "DAgger's aggregate" row: the BC rows' policy, schedule and steps (no DAgger
+    callback, no rollouts into the file), reading every episode of the DAgger file, so it differs from the
+    "equal labels" row only in the data."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from policies import aggregate_overrides, steps_overrides
+
+    path, expert = tmp_path / "dagger.hdf5", tmp_path / "expert.hdf5"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        aggregate = compose("train", overrides=[*aggregate_overrides(path, 19, 1, 5000), "env.task=pick-place-v3"])
+        bc = compose("train", overrides=[f"data.path={expert}", "data.num_demos=33", "seed=1",
+                                         *steps_overrides(5000), "env.task=pick-place-v3"])
+    assert "dagger" not in aggregate.callbacks
+    assert aggregate.data.path == str(path) and aggregate.data.num_demos == 19 and aggregate.seed == 1
+    assert aggregate.policy == bc.policy and aggregate.trainer == bc.trainer and aggregate.env == bc.env
+    assert {k: v for k, v in aggregate.data.items() if k not in ("path", "num_demos")} == \
+        {k: v for k, v in bc.data.items() if k not in ("path", "num_demos")}
+
+
 def test_an_interrupted_bench_run_continues_in_its_own_run_dir(tmp_path):
     """bench/online_finetune.py's runs (also crafter_ellm's and policies' DAgger rows): a run killed after a
     checkpoint (a session's end) is run again in the same dir, where train.py continues its last.ckpt; a finished
