@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -164,3 +165,30 @@ def test_an_interrupted_bench_run_continues_in_its_own_run_dir(tmp_path):
     assert resumed and cmd[-1] == f"hydra.run.dir={runs / '2026-01-02_00-00-00'}"  # the newest attempt
     (runs / "2026-01-02_00-00-00" / "summary.json").write_text("{}")  # it finished: nothing to continue
     assert train_command("flare_s0", tmp_path, [], 1)[1] is False
+
+
+def test_the_takeover_bench_hands_the_episode_to_the_expert_at_the_named_step():
+    """bench/dagger_takeover.py: the policy acts for exactly the first ``handover`` steps, the expert after (on
+    the real pick-place-v3 with its scripted expert)."""
+    from dagger_takeover import takeover_episode
+
+    from toolkit.envs.metaworld import MetaWorldEnv
+
+    class StandStill:
+        calls = 0
+
+        def reset(self):
+            pass
+
+        def act(self, obs):
+            self.calls += 1
+            return np.zeros((1, 4), np.float32)
+
+    env = MetaWorldEnv("pick-place-v3", image_size=32, max_episode_steps=150)
+    try:
+        for handover, succeeds in [(0, True), (20, True), (150, False)]:
+            policy = StandStill()
+            assert takeover_episode(policy, env, 1_000_000, handover) == (succeeds, False)
+            assert policy.calls == handover
+    finally:
+        env.close()
