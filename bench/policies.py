@@ -15,7 +15,7 @@
      the data brings (against the two BC rows, at the same training) from DAgger's warm-started schedule.
 
     python bench/policies.py [--root DIR] [--steps 1000] [--seeds 0 1 2] [--parts mixed dagger]
-        [--dagger-iterations 4] [--dagger-episodes 4] [--dagger-steps N] [--horizon H]
+        [--dagger-iterations 4] [--dagger-episodes 4] [--dagger-steps N] [--horizon H] [--expert lift_first]
 
 Each run is a ``python train.py``; a run whose summary.json exists under ``--root`` is reused and one
 interrupted after a checkpoint continues from it (a DAgger run with its file), so the bench can be re-run after
@@ -91,10 +91,13 @@ def aggregate_overrides(path: Path, episodes: int, seed: int, steps: int) -> lis
 
 
 def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: int, iterations: int,
-           episodes: int, per_iteration: int, threads: int, tag: str = "") -> list[tuple]:
+           episodes: int, per_iteration: int, threads: int, tag: str = "", expert: str = "metaworld") -> list[tuple]:
     """The DAgger rows (BC trained ``steps`` steps, DAgger ``per_iteration`` per iteration); ``tag`` (e.g. ``_h1``)
-    names runs whose ``common`` overrides differ from the defaults."""
+    names runs whose ``common`` overrides differ from the defaults. ``expert`` labels DAgger's states (``env.expert``);
+    the BC rows' demos come from Meta-World's expert, which gives the same demos from the reset pose."""
     env = [f"env.task={task}"]
+    labelled = [*env, f"env.expert={expert}"] if expert != "metaworld" else env
+    tag += f"_{expert}" if expert != "metaworld" else ""
     expert = root / "data" / f"{task}_expert.hdf5"
     collect(expert, root, 100, *env)
     runs: dict[str, list] = {"dagger": [], "labels": [], "episodes": [], "aggregate": []}
@@ -102,7 +105,7 @@ def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: in
     for s in seeds:
         name = f"dagger_{task}_i{iterations}x{episodes}_p{per_iteration}{tag}_s{s}"
         path = root / "data" / f"{name}.hdf5"
-        overrides = [*dagger_overrides(path, s, per_iteration, iterations, episodes), *env, *common]
+        overrides = [*dagger_overrides(path, s, per_iteration, iterations, episodes), *labelled, *common]
         if find_summary(root, name) is None and not train_command(name, root, overrides, threads)[1]:
             path.unlink(missing_ok=True)  # a run killed before its first checkpoint starts again from 3 demos
         # (one killed later continues from its checkpoint and the file, rolling out only the missing episodes)
@@ -114,7 +117,7 @@ def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: in
         n_labels = demos_for_labels(episode_lengths(expert), labels)
         budgets["dagger"].append(f"{labels} ({n_episodes} ep.)")
         runs["aggregate"].append(run_once(f"bc_on_{name}_k{steps}", root, aggregate_overrides(path, n_episodes, s, steps)
-                                          + [*env, *common], threads))
+                                          + [*labelled, *common], threads))
         budgets["aggregate"].append(f"{labels} ({n_episodes} ep.)")
         for key, n in (("labels", n_labels), ("episodes", n_episodes)):
             runs[key].append(run_once(f"bc_{task}_d{n}_k{steps}{tag}_s{s}", root,
@@ -148,6 +151,8 @@ def main() -> None:
     parser.add_argument("--dagger-steps", type=int, default=None,
                         help="DAgger's training steps per iteration (default: --steps // (iterations + 1))")
     parser.add_argument("--horizon", type=int, default=None, help="data.horizon (action chunk) of every run")
+    parser.add_argument("--expert", default="metaworld", choices=["metaworld", "lift_first"],
+                        help="env.expert of the DAgger runs (the scripted policy that labels the learner's states)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run (num_threads)")
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="bench_policies_"))
@@ -160,7 +165,7 @@ def main() -> None:
         per_iteration = args.dagger_steps or args.steps // (args.dagger_iterations + 1)
         rows += dagger(root, args.seeds, common, args.dagger_task, args.steps, args.dagger_iterations,
                        args.dagger_episodes, per_iteration, args.threads,
-                       "" if args.horizon is None else f"_h{args.horizon}")
+                       "" if args.horizon is None else f"_h{args.horizon}", args.expert)
     seeds = ", ".join(map(str, args.seeds))
     lines = [f"| data | policy | expert-labelled states | success per seed ({seeds}) | mean success | "
              f"mean ep. length |", "|---|---|---|---|---|---|"]

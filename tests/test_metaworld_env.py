@@ -116,3 +116,45 @@ def test_tasks_that_reject_positions_reset_deterministically():
         np.testing.assert_array_equal(env._env._last_rand_vec, first)
     finally:
         env.close()
+
+
+def _expert_episode(env: MetaWorldEnv, seed: int, offset: np.ndarray | None = None) -> tuple[bool, list[np.ndarray]]:
+    """The env's expert from the reset pose, or after 40 steps that park the open hand at ``offset`` from the
+    object (where a learner often leaves it). Returns (success, the expert's actions)."""
+    env.reset(seed=seed)
+    if offset is not None:
+        for _ in range(40):
+            raw = env._raw_obs
+            env.step(np.append(np.clip(10 * (raw[4:7] + offset - raw[0:3]), -1, 1), -1.0).astype(np.float32))
+    actions, success = [], False
+    for _ in range(110):
+        actions.append(env.expert_action())
+        *_, terminated, truncated, info = env.step(actions[-1])
+        success |= bool(info["success"])
+        if terminated or truncated:
+            break
+    return success, actions
+
+
+def test_the_lift_first_expert_recovers_where_metaworlds_sweeps_the_object_over():
+    """``env.expert=lift_first``: from the reset pose the same actions as Meta-World's scripted pick-place policy
+    (so demos do not change); from an open hand parked 5 cm beside and 5 cm above the puck, Meta-World's policy
+    knocks the puck over (seed 2) and lift_first, rising first, places it."""
+    metaworld = MetaWorldEnv("pick-place-v3", image_size=32)
+    lift = MetaWorldEnv("pick-place-v3", image_size=32, expert="lift_first")
+    try:
+        for seed in (0, 1):
+            ok, actions = _expert_episode(metaworld, seed)
+            ok_lift, actions_lift = _expert_episode(lift, seed)
+            assert ok and ok_lift
+            np.testing.assert_array_equal(np.stack(actions), np.stack(actions_lift))
+        parked = np.array([0.05, 0.05, 0.05])
+        assert _expert_episode(metaworld, 2, parked)[0] is False
+        assert _expert_episode(lift, 2, parked)[0] is True
+        assert lift.env_args()["env_kwargs"]["expert"] == "lift_first"
+        assert "expert" not in metaworld.env_args()["env_kwargs"]  # files collected before the option stay valid
+    finally:
+        metaworld.close()
+        lift.close()
+    with pytest.raises(ToolkitError, match="env.expert='safe'"):
+        MetaWorldEnv("pick-place-v3", image_size=32, expert="safe")

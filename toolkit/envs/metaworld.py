@@ -32,6 +32,22 @@ def task_names() -> list[str]:
     return sorted(ALL_V3_ENVIRONMENTS)
 
 
+def lift_first_action(raw_obs: np.ndarray, action: np.ndarray, clearance: float = 0.08) -> np.ndarray:
+    """``env.expert=lift_first``: Meta-World's scripted action, except when the hand is not over the object (more
+    than 2 cm away in x-y, the scripted policies' own tolerance) and lower than ``clearance`` above it: then it
+    rises straight up to the policies' approach height (the object + 10 cm), gripper open, with their gain of 10.
+
+    Why: the scripted policies move in a straight line to a point above the object, so from a hand low beside it
+    (where a learner often leaves it: DAgger labels such states) they sweep the object over. Measured on
+    pick-place-v3 (README, DAgger): after 25 steps of a BC policy, Meta-World's expert brought 9 of 20 episodes
+    to success, this one 19 of 20. From the reset pose (hand high) both give the same actions."""
+    hand, obj = raw_obs[0:3], raw_obs[4:7]
+    if np.linalg.norm(hand[:2] - obj[:2]) <= 0.02 or hand[2] >= obj[2] + clearance:
+        return action
+    target = np.array([hand[0], hand[1], obj[2] + 0.1])
+    return np.append(np.clip(10.0 * (target - hand), -1.0, 1.0), -1.0).astype(np.float32)
+
+
 class MetaWorldEnv(RobotEnv):
     """A Meta-World v3 task seen through one camera.
 
@@ -48,11 +64,15 @@ class MetaWorldEnv(RobotEnv):
         max_episode_steps: int = 150,
         terminate_on_success: bool = True,
         reward: str = "dense",
+        expert: str = "metaworld",
     ) -> None:
         super().__init__(max_episode_steps, terminate_on_success)
         if reward not in ("dense", "sparse"):
             raise ToolkitError(f"env.reward={reward!r}: choose dense (Meta-World's shaped reward) or sparse (1 on success)")
-        self.reward = reward
+        if expert not in ("metaworld", "lift_first"):
+            raise ToolkitError(f"env.expert={expert!r}: choose metaworld (Meta-World's scripted policy) or lift_first "
+                               f"(the same, rising above the object first when the hand is low beside it)")
+        self.reward, self.expert = reward, expert
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS
         from metaworld.policies import ENV_POLICY_MAP
 
@@ -125,7 +145,11 @@ class MetaWorldEnv(RobotEnv):
         return self._obs(), float(success) if self.reward == "sparse" else float(reward), success, {}
 
     def expert_action(self) -> np.ndarray:
-        return np.clip(self._expert.get_action(self._raw_obs), -1.0, 1.0).astype(np.float32)
+        """The scripted expert's action at the current state (``env.expert``, see ``lift_first_action``)."""
+        action = np.clip(self._expert.get_action(self._raw_obs), -1.0, 1.0).astype(np.float32)
+        if self.expert == "lift_first":
+            return lift_first_action(self._raw_obs, action)
+        return action
 
     def env_args(self) -> dict[str, Any]:
         return {
@@ -134,7 +158,8 @@ class MetaWorldEnv(RobotEnv):
             "env_kwargs": {"camera": self.camera, "image_size": self.image_size,
                            "max_episode_steps": self.max_episode_steps,
                            # only when not the default, so files collected before the option stay valid
-                           **({"reward": self.reward} if self.reward != "dense" else {})},
+                           **({"reward": self.reward} if self.reward != "dense" else {}),
+                           **({"expert": self.expert} if self.expert != "metaworld" else {})},
         }
 
     def close(self) -> None:
