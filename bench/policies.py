@@ -91,13 +91,13 @@ def aggregate_overrides(path: Path, episodes: int, seed: int, steps: int) -> lis
 
 
 def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: int, iterations: int,
-           episodes: int, per_iteration: int, threads: int, tag: str = "", expert: str = "metaworld") -> list[tuple]:
+           episodes: int, per_iteration: int, threads: int, tag: str = "", labeller: str = "metaworld") -> list[tuple]:
     """The DAgger rows (BC trained ``steps`` steps, DAgger ``per_iteration`` per iteration); ``tag`` (e.g. ``_h1``)
-    names runs whose ``common`` overrides differ from the defaults. ``expert`` labels DAgger's states (``env.expert``);
+    names runs whose ``common`` overrides differ from the defaults. ``labeller`` (``env.expert``) labels DAgger's states;
     the BC rows' demos come from Meta-World's expert, which gives the same demos from the reset pose."""
     env = [f"env.task={task}"]
-    labelled = [*env, f"env.expert={expert}"] if expert != "metaworld" else env
-    tag += f"_{expert}" if expert != "metaworld" else ""
+    labelled = [*env, f"env.expert={labeller}"] if labeller != "metaworld" else env
+    tag += f"_{labeller}" if labeller != "metaworld" else ""
     expert = root / "data" / f"{task}_expert.hdf5"
     collect(expert, root, 100, *env)
     runs: dict[str, list] = {"dagger": [], "labels": [], "episodes": [], "aggregate": []}
