@@ -97,13 +97,13 @@ def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: in
     the BC rows' demos come from Meta-World's expert, which gives the same demos from the reset pose."""
     env = [f"env.task={task}"]
     labelled = [*env, f"env.expert={labeller}"] if labeller != "metaworld" else env
-    tag += f"_{labeller}" if labeller != "metaworld" else ""
+    dagger_tag = tag + (f"_{labeller}" if labeller != "metaworld" else "")  # the BC rows' runs stay shared
     expert = root / "data" / f"{task}_expert.hdf5"
     collect(expert, root, 100, *env)
     runs: dict[str, list] = {"dagger": [], "labels": [], "episodes": [], "aggregate": []}
     budgets: dict[str, list[str]] = {"dagger": [], "labels": [], "episodes": [], "aggregate": []}
     for s in seeds:
-        name = f"dagger_{task}_i{iterations}x{episodes}_p{per_iteration}{tag}_s{s}"
+        name = f"dagger_{task}_i{iterations}x{episodes}_p{per_iteration}{dagger_tag}_s{s}"
         path = root / "data" / f"{name}.hdf5"
         overrides = [*dagger_overrides(path, s, per_iteration, iterations, episodes), *labelled, *common]
         if find_summary(root, name) is None and not train_command(name, root, overrides, threads)[1]:
