@@ -127,7 +127,7 @@ def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: in
             budgets[key].append(f"{n} demos = {n_steps}")
     data = f"({task}, BC {steps} training steps)"
     return [(f"DAgger {data}", f"DAgger: 3 demos + {iterations} x {episodes} labelled episodes, "
-                               f"{per_iteration} steps per iteration",
+                               f"{per_iteration} steps per iteration, labels by env.expert={labeller}",
              ", ".join(budgets["dagger"]), runs["dagger"]),
             (f"equal expert labels {data}", "BC transformer on expert demos", ", ".join(budgets["labels"]),
              runs["labels"]),
