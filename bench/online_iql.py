@@ -13,6 +13,7 @@ Every evaluation uses the same 20 unseen positions (seeds 1,000,000+); training 
 
     python bench/online_iql.py [--root DIR] [--seeds 0 1 2] [--offline-steps 1000] [--online-steps 2000]
         [--updates-per-cycle 8] [--episodes 20] [--evals 2] [--override k=v ... --tag _name]
+        [--offline-override k=v ...]
 
 Finished runs are reused (see bench/online_finetune.py). Prints a markdown table and writes it to
 ``bench/results/online_iql.md`` (``--out``).
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--evals", type=int, default=2, help="evaluations during the online run (the last at the end)")
     parser.add_argument("--override", nargs="*", default=[], help="extra train.py overrides of the online runs")
+    parser.add_argument("--offline-override", nargs="*", default=[],
+                        help="extra train.py overrides of the offline runs (their names then get --tag too)")
     parser.add_argument("--tag", default="", help="appended to the online runs' names (a variant's own runs)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "online_iql.md")
     args = parser.parse_args()
@@ -60,9 +63,11 @@ def main() -> None:
     common = [f"env.task={args.task}", f"data.path={data}", f"callbacks.rollout.num_episodes={args.episodes}"]
     rows = []
     for seed in args.seeds:
-        offline = run(f"iql_offline_{args.task}_k{args.offline_steps}_s{seed}", args.root,
+        offline_tag = args.tag if args.offline_override else ""
+        offline = run(f"iql_offline_{args.task}_k{args.offline_steps}{offline_tag}_s{seed}", args.root,
                       [*common, "policy=iql", f"trainer.max_steps={args.offline_steps}",
-                       f"trainer.val_check_interval={args.offline_steps}", f"seed={seed}"], args.threads)
+                       f"trainer.val_check_interval={args.offline_steps}", f"seed={seed}", *args.offline_override],
+                      args.threads)
         online = run(f"iql_online_{args.task}_k{args.offline_steps}_u{args.online_steps}{args.tag}_s{seed}", args.root,
                      [*common, "policy=iql_online", f"init_from={offline['last_checkpoint']}",
                       f"policy.updates_per_cycle={args.updates_per_cycle}", f"trainer.max_steps={args.online_steps}",
