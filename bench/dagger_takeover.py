@@ -13,6 +13,7 @@ succeeded before the handover, and how many of the others the expert still broug
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def takeover_episode(policy, env, seed: int, handover: int) -> tuple[bool, bool]
     obs, _ = env.reset(seed=seed)
     policy.reset()
     success = before = False
-    for t in range(10**6):
+    for t in itertools.count():
         if t < handover:
             action = np.asarray(policy.act({k: v[None] for k, v in obs.items()}))[0]
         else:
@@ -39,7 +40,6 @@ def takeover_episode(policy, env, seed: int, handover: int) -> tuple[bool, bool]
         before |= success and t < handover
         if terminated or truncated:
             return success, before
-    raise AssertionError("unreachable")
 
 
 def table(checkpoint: str, episodes: int, handovers: list[int], seed: int) -> list[str]:
