@@ -148,6 +148,46 @@ def test_interrupted_collection_leaves_a_readable_file(tmp_path, sig):
         assert f["data/demo_0/next_obs/rgb_corner4"].shape == f["data/demo_0/obs/rgb_corner4"].shape
 
 
+def test_collection_goes_on_while_another_process_reads_the_file(tmp_path):
+    """HDF5 refuses to open a file another process holds; someone inspecting the file while the collector
+    appends must not kill the collection (it used to die with 'unable to lock file')."""
+    path = tmp_path / "watched.hdf5"
+    script = (f"from toolkit.collect import collect; import conftest; "
+              f"collect(conftest.TINY_ENV | {{'max_episode_steps': 5}}, {str(path)!r}, 8, num_envs=1, "
+              f"only_success=False, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT / "tests", stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    reads = 0
+    while proc.poll() is None:
+        try:
+            with h5py.File(path, "r"):  # a plain h5py reader, as a user's notebook would open it
+                time.sleep(0.05)
+                reads += 1
+        except OSError:
+            pass  # not created yet, or the collector holds it this moment
+        time.sleep(0.02)
+    assert proc.returncode == 0, proc.stderr.read()
+    assert reads > 0
+    assert existing_episodes(path)[0] == 8
+
+
+def test_a_file_held_open_elsewhere_is_named_and_kept(tmp_path, tiny_file):
+    """If the other process never lets go, the open gives up with a message saying so, not 'delete it'."""
+    path = tmp_path / "held.hdf5"
+    shutil.copy(tiny_file, path)
+    holder = subprocess.Popen([sys.executable, "-c", f"import h5py, sys, time; f = h5py.File({str(path)!r}, 'r'); "
+                               f"print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(ToolkitError, match="locked by another process for 1 s.*left as it is") as err:
+            open_episode_file(path, "a", lock_wait_s=1.0)
+        assert "Delete" not in str(err.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert existing_episodes(path)[0] == 3
+
+
 def existing_episodes_safe(path: Path) -> int:
     """Episode count while another process may be writing (it holds the file only briefly)."""
     try:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -190,17 +191,33 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def open_episode_file(path: str | Path, mode: str = "r") -> h5py.File:
-    """Open an episode file with an error that names the file and what to do."""
+LOCK_WAIT_S = 120.0
+
+
+def open_episode_file(path: str | Path, mode: str = "r", lock_wait_s: float = LOCK_WAIT_S) -> h5py.File:
+    """Open an episode file with an error that names the file and what to do.
+
+    HDF5 locks a file while a process has it open, and an open fails at once if another process holds it
+    (a collector appending, or someone validating the file while collection runs). Both sides hold the file
+    only for a moment, so the open is retried for up to ``lock_wait_s`` seconds before giving up.
+    """
     path = Path(path)
     if mode == "r" and not path.exists():
         raise ToolkitError(f"dataset file {path} does not exist: collect it with `python -m toolkit.collect` "
                            f"or set data.path to an existing file")
-    try:
-        return h5py.File(path, mode)
-    except OSError as e:
-        raise ToolkitError(f"dataset file {path} is not a readable HDF5 file ({e}). "
-                           f"Delete or move it and collect again.") from None
+    deadline = time.monotonic() + lock_wait_s
+    while True:
+        try:
+            return h5py.File(path, mode)
+        except OSError as e:
+            if "unable to lock file" not in str(e):
+                raise ToolkitError(f"dataset file {path} is not a readable HDF5 file ({e}). "
+                                   f"Delete or move it and collect again.") from None
+            if time.monotonic() >= deadline:
+                raise ToolkitError(f"dataset file {path} stayed locked by another process for {lock_wait_s:.0f} s "
+                                   f"({e}); the file is left as it is. Stop the process that holds it open "
+                                   f"(e.g. a collector, or an h5py session) and try again.") from None
+            time.sleep(0.005)  # short: the other side's hold is short, and a long pause can miss each gap
 
 
 def episode_names(f: h5py.File) -> list[str]:
