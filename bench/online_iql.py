@@ -13,7 +13,7 @@ Every evaluation uses the same 20 unseen positions (seeds 1,000,000+); training 
 
     python bench/online_iql.py [--root DIR] [--seeds 0 1 2] [--offline-steps 1000] [--online-steps 2000]
         [--updates-per-cycle 8] [--episodes 20] [--evals 2] [--override k=v ... --tag _name]
-        [--offline-override k=v ...]
+        [--offline-override k=v ... --offline-tag _name]
 
 Finished runs are reused (see bench/online_finetune.py). Prints a markdown table and writes it to
 ``bench/results/online_iql.md`` (``--out``).
@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--offline-override", nargs="*", default=[],
                         help="extra train.py overrides of the offline runs (their names then get --tag too)")
     parser.add_argument("--tag", default="", help="appended to the online runs' names (a variant's own runs)")
+    parser.add_argument("--offline-tag", default=None,
+                        help="appended to the offline runs' names (default: --tag if --offline-override is given): "
+                             "online variants that share an offline variant name the same --offline-tag")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "online_iql.md")
     args = parser.parse_args()
     if not 1 <= args.evals <= args.online_steps:
@@ -63,7 +66,7 @@ def main() -> None:
     common = [f"env.task={args.task}", f"data.path={data}", f"callbacks.rollout.num_episodes={args.episodes}"]
     rows = []
     for seed in args.seeds:
-        offline_tag = args.tag if args.offline_override else ""
+        offline_tag = args.offline_tag if args.offline_tag is not None else (args.tag if args.offline_override else "")
         offline = run(f"iql_offline_{args.task}_k{args.offline_steps}{offline_tag}_s{seed}", args.root,
                       [*common, "policy=iql", f"trainer.max_steps={args.offline_steps}",
                        f"trainer.val_check_interval={args.offline_steps}", f"seed={seed}", *args.offline_override],

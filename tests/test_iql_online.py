@@ -309,6 +309,42 @@ def test_train_fine_tunes_an_offline_iql_checkpoint_online(offline_run, tmp_path
     assert set(source) <= set(policy.state_dict())
 
 
+EMA = ["+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging", "+callbacks.ema.decay=0.5"]
+
+
+def test_an_averaged_policy_is_what_rollouts_evaluate_and_checkpoints_hold(offline_run, tmp_path):
+    """`+callbacks.ema` (README, Online IQL): Lightning swaps the average in for validation, and the rollout callback
+    evaluates while it is in (it comes first in the trainer's list); checkpoints hold the average as the policy's
+    weights and the weights being trained beside them, so eval.py and init_from read the policy that was evaluated."""
+    import lightning as L
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from toolkit.envs.rollout import RolloutCallback
+    from toolkit.policies.base import load_policy
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = compose("train", overrides=["policy=iql_online", f"paths.output_dir={tmp_path}", *EMA])
+    GlobalHydra.instance().clear()
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]  # as train.py builds them
+    kinds = [type(c) for c in L.Trainer(callbacks=callbacks, logger=False).callbacks]
+    assert kinds.index(RolloutCallback) < kinds.index(EMAWeightAveraging)
+
+    ckpt, data = offline_run
+    run_train("policy=iql_online", f"init_from={ckpt}", f"data.path={data}", *TINY[:2], "data.num_envs=1",
+              "policy.env_steps_per_update=3", "policy.updates_per_cycle=2", "data.replay_size=500", *EMA, root=tmp_path)
+    (last,) = tmp_path.glob("logs/debug/runs/*/checkpoints/last.ckpt")
+    saved = torch.load(last, weights_only=True)
+    averaged, trained = saved["state_dict"], saved["current_model_state"]
+    moved = [k for k in trained if k.startswith("actor") and not torch.equal(averaged[k], trained[k])]
+    assert moved  # 4 updates at decay 0.5: the average lags the weights being trained
+    policy = load_policy(last)
+    assert all(torch.equal(policy.state_dict()[k], averaged[k]) for k in moved)
+
+
 def test_init_from_a_non_iql_checkpoint_or_another_env_is_refused(offline_run, offline, tmp_path):
     """What train.py calls with init_from: a BC checkpoint's weights do not fit; an env with other cameras is
     refused before anything is built."""
