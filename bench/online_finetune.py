@@ -166,12 +166,14 @@ def main() -> None:
     env = [*select, f"{task_field}={args.task}", f"callbacks.rollout.num_episodes={args.episodes}", *args.override]
     results: list[tuple[int, str, str, dict | None, dict]] = []  # seed, row key, label, BC summary, run summary
     for seed in args.seeds:
-        bc_name = f"bc_{args.task}_d{args.demos}_k{args.bc_steps}_s{seed}"
-        bc = run(bc_name, args.root, [*env, f"data.num_demos={args.demos}", f"trainer.max_steps={args.bc_steps}",
-                                      f"trainer.val_check_interval={args.bc_steps}", f"seed={seed}"], args.threads)
+        bc, ckpt = None, None
+        if "bc" in args.rows or any(ROWS[r][2] for r in args.rows if r != "bc"):  # --rows scratch needs no BC run
+            bc_name = f"bc_{args.task}_d{args.demos}_k{args.bc_steps}_s{seed}"
+            bc = run(bc_name, args.root, [*env, f"data.num_demos={args.demos}", f"trainer.max_steps={args.bc_steps}",
+                                          f"trainer.val_check_interval={args.bc_steps}", f"seed={seed}"], args.threads)
+            ckpt = bc["last_checkpoint"]
         if "bc" in args.rows:
             results.append((seed, "bc", f"BC, {args.demos} demos, {args.bc_steps} steps", None, bc))
-        ckpt = bc["last_checkpoint"]
         # --sample-eval: evaluate the policy as it acts in training (sampled), before the first update and after
         sampled = ["policy.deterministic_eval=false", "callbacks.rollout.at_start=true"] if args.sample_eval else []
         every = max(1, args.ppo_steps // max(1, args.evals))

@@ -167,6 +167,31 @@ def test_an_interrupted_bench_run_continues_in_its_own_run_dir(tmp_path):
     assert train_command("flare_s0", tmp_path, [], 1)[1] is False
 
 
+def test_the_fine_tuning_bench_starts_rows_from_bc_only_where_they_need_it(tmp_path, monkeypatch):
+    """bench/online_finetune.py: PPO from scratch trains no BC run of its own; a row from BC starts from that
+    seed's BC checkpoint (init_from), and its run name carries the BC steps."""
+    import online_finetune
+
+    started: dict[str, list[str]] = {}
+
+    def fake_run(name, root, overrides, threads):
+        started[name] = overrides
+        return {"rollout/success_rate": 0.0, "last_checkpoint": f"{name}.ckpt", "metrics": {}, "process_wall_s": 1.0,
+                "output_dir": str(tmp_path / name / "runs" / "x")}
+
+    monkeypatch.setattr(online_finetune, "run", fake_run)
+    args = ["--root", str(tmp_path), "--seeds", "3", "--ppo-steps", "8", "--out", str(tmp_path / "t.md")]
+    monkeypatch.setattr(sys, "argv", ["online_finetune.py", *args, "--rows", "scratch"])
+    online_finetune.main()
+    assert list(started) == ["scratch_pick-place-v3_d35_u8_s3"]
+    assert not any(o.startswith("init_from=") for o in started["scratch_pick-place-v3_d35_u8_s3"])
+    started.clear()
+    monkeypatch.setattr(sys, "argv", ["online_finetune.py", *args, "--rows", "flare"])
+    online_finetune.main()
+    assert list(started) == ["bc_pick-place-v3_d35_k1000_s3", "flare_pick-place-v3_d35_k1000_u8_s3"]
+    assert "init_from=bc_pick-place-v3_d35_k1000_s3.ckpt" in started["flare_pick-place-v3_d35_k1000_u8_s3"]
+
+
 def test_the_takeover_bench_hands_the_episode_to_the_expert_at_the_named_step():
     """bench/dagger_takeover.py: the policy acts for exactly the first ``handover`` steps, the expert after (on
     the real pick-place-v3 with its scripted expert)."""
