@@ -125,7 +125,10 @@ def test_collection_resumes_up_to_the_requested_count(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_collection_leaves_a_readable_file(tmp_path, sig):
     path = tmp_path / "interrupted.hdf5"
-    script = (f"from toolkit.collect import collect; import conftest; "
+    # Ctrl-C as in a terminal: a test run started in the background (`cmd &`, as CI scripts do) has SIGINT ignored, and
+    # its children inherit that, so Python would not install its KeyboardInterrupt handler in the collector
+    script = (f"import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              f"from toolkit.collect import collect; import conftest; "
               f"collect(conftest.TINY_ENV | {{'max_episode_steps': 40}}, {str(path)!r}, 500, num_envs=1, only_success=False)")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT / "tests", stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
