@@ -122,16 +122,23 @@ def test_collection_resumes_up_to_the_requested_count(tmp_path):
         assert [int(f["data"][n].attrs["seed"]) for n in episode_names(f)] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_collection_leaves_a_readable_file(tmp_path, sig):
-    path = tmp_path / "interrupted.hdf5"
+def start_collector(path: Path, num_episodes: int, max_episode_steps: int, **kwargs) -> subprocess.Popen:
+    """``collect`` on the tiny env into ``path`` in another process (stderr piped, for the failure message)."""
+    extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
     # Ctrl-C as in a terminal: a test run started in the background (`cmd &`, as CI scripts do) has SIGINT ignored, and
     # its children inherit that, so Python would not install its KeyboardInterrupt handler in the collector
     script = (f"import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
               f"from toolkit.collect import collect; import conftest; "
-              f"collect(conftest.TINY_ENV | {{'max_episode_steps': 40}}, {str(path)!r}, 500, num_envs=1, only_success=False)")
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT / "tests", stdout=subprocess.DEVNULL,
+              f"collect(conftest.TINY_ENV | {{'max_episode_steps': {max_episode_steps}}}, {str(path)!r}, {num_episodes}, "
+              f"num_envs=1, only_success=False{extra})")
+    return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT / "tests", stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_collection_leaves_a_readable_file(tmp_path, sig):
+    path = tmp_path / "interrupted.hdf5"
+    proc = start_collector(path, 500, max_episode_steps=40)
     deadline = time.time() + 120
     while existing_episodes_safe(path) < 3 and time.time() < deadline:
         assert proc.poll() is None, proc.stderr.read()
@@ -155,11 +162,7 @@ def test_collection_goes_on_while_another_process_reads_the_file(tmp_path):
     """HDF5 refuses to open a file another process holds; someone inspecting the file while the collector
     appends must not kill the collection (it used to die with 'unable to lock file')."""
     path = tmp_path / "watched.hdf5"
-    script = (f"from toolkit.collect import collect; import conftest; "
-              f"collect(conftest.TINY_ENV | {{'max_episode_steps': 5}}, {str(path)!r}, 8, num_envs=1, "
-              f"only_success=False, progress=False)")
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT / "tests", stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_collector(path, 8, max_episode_steps=5, progress=False)
     reads = 0
     while proc.poll() is None:
         try:
