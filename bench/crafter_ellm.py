@@ -14,13 +14,16 @@ and off), and the captioners' cost per step.
     python bench/crafter_ellm.py [--root DIR] [--seeds 0 1 2] [--env-steps 256000] [--episodes 20]
         [--setups crafter rnd ellm ellm_reward_free] [--speed-only]
 
-Finished runs are reused (bench/online_finetune.py's ``run``). Prints markdown tables and writes them to
-``bench/results/crafter_ellm.md`` (``--out``).
+Finished runs are reused (bench/online_finetune.py's ``run``), and each finished run's results are also kept in
+the repository (``bench/results/crafter_ellm_runs/<run>.json``, ``--records``): the whole bench takes longer than
+one machine lives, so a later session on a fresh machine reads the runs an earlier one finished and runs only
+the rest. Prints markdown tables and writes them to ``bench/results/crafter_ellm.md`` (``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -80,6 +83,29 @@ def caption_cost(steps: int = 500) -> float:
     return 1000 * (times[True] - times[False])
 
 
+# what a run's record keeps: its summary (every scalar) and these curves (the rest of metrics.csv stays in the run dir)
+RECORDED_CURVES = ("rollout/crafter_score", "rollout/achievements_unlocked", "env/achievements_unlocked",
+                   "env/steps_per_s")
+
+
+def recorded_run(name: str, root: Path, overrides: list[str], threads: int, records: Path) -> dict:
+    """``run`` (online_finetune's), unless ``records/<name>.json`` holds the run already (finished on an earlier
+    machine); a run finished here is written there. A record made with other overrides is refused, not reused."""
+    record = records / f"{name}.json"
+    if record.exists():
+        stored = json.loads(record.read_text())
+        if stored["overrides"] != overrides:
+            raise ValueError(f"{record}: recorded with overrides {stored['overrides']}, this bench asks for "
+                             f"{overrides}; move the record away to run it again")
+        print(f"reusing the record {record}", flush=True)
+        return stored["summary"]
+    summary = run(name, root, overrides, threads)
+    summary["metrics"] = {k: v for k, v in summary["metrics"].items() if k in RECORDED_CURVES}
+    records.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"overrides": overrides, "summary": summary}, indent=1) + "\n")
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("/tmp/crafter_ellm"))
@@ -91,6 +117,8 @@ def main() -> None:
     parser.add_argument("--speed-only", action="store_true", help="only the env speed and captioner cost")
     parser.add_argument("--override", nargs="*", default=[], help="extra train.py overrides for every run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "crafter_ellm.md")
+    parser.add_argument("--records", type=Path, default=ROOT / "bench" / "results" / "crafter_ellm_runs",
+                        help="finished runs' results, kept in the repository across machines")
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
 
@@ -107,11 +135,11 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for key in args.setups:
         name, extra = SETUPS[key]
-        results[key] = [run(f"crafter_{key}_{args.env_steps}_s{seed}", args.root,
-                            ["experiment=crafter_ppo", f"trainer.max_steps={updates}",
-                             f"trainer.val_check_interval={max(1, updates // 4)}",
-                             f"callbacks.rollout.num_episodes={args.episodes}", f"seed={seed}", *extra, *args.override],
-                            args.threads) for seed in args.seeds]
+        results[key] = [recorded_run(f"crafter_{key}_{args.env_steps}_s{seed}", args.root,
+                                     ["experiment=crafter_ppo", f"trainer.max_steps={updates}",
+                                      f"trainer.val_check_interval={max(1, updates // 4)}",
+                                      f"callbacks.rollout.num_episodes={args.episodes}", f"seed={seed}", *extra,
+                                      *args.override], args.threads, args.records) for seed in args.seeds]
 
     from toolkit.envs.crafter import ACHIEVEMENTS
 

@@ -20,6 +20,21 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOOLKIT_OFFLINE", "1")  # encoder.weights=auto never downloads in the tests (but the download tests)
 
+COMPARE_PYTHON = ROOT / ".venv-compare" / "bin" / "python"
+
+
+def compare_python(what: str) -> Path:
+    """.venv-compare's python (``make compare-venv``: lerobot, robomimic and Stable-Baselines3 beside .venv), for
+    tests that check against ``what`` in its own code: skip without it, fail without it on CI."""
+    if not COMPARE_PYTHON.exists():
+        message = (f"{COMPARE_PYTHON} is missing: these tests run {what} from .venv-compare; build it with "
+                   f"`make compare-venv` (bench/compare_venv.sh)")
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set, so {what} must be here: {message}")
+        pytest.skip(message)
+    return COMPARE_PYTHON
+
+
 TINY_ENV = {"_target_": "toolkit.envs.metaworld.MetaWorldEnv", "task": "drawer-open-v3",
             "image_size": 32, "max_episode_steps": 12}
 

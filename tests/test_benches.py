@@ -192,6 +192,29 @@ def test_the_fine_tuning_bench_starts_rows_from_bc_only_where_they_need_it(tmp_p
     assert "init_from=bc_pick-place-v3_d35_k1000_s3.ckpt" in started["flare_pick-place-v3_d35_k1000_u8_s3"]
 
 
+def test_the_crafter_bench_keeps_finished_runs_in_the_repository_and_reuses_them(tmp_path, monkeypatch):
+    """bench/crafter_ellm.py outlives a machine: a finished run's results go to its record (summary and the score
+    curves, not the whole metrics.csv), a later bench on a fresh machine reuses the record without training, and a
+    record made with other overrides is refused by name."""
+    import crafter_ellm
+
+    calls = []
+
+    def fake_run(name, root, overrides, threads):
+        calls.append(name)
+        return {"rollout/crafter_score": 1.5, "process_wall_s": 60.0,
+                "metrics": {"rollout/crafter_score": [[10, 1.0], [20, 1.5]], "train/entropy": [[1, 2.8]]}}
+
+    monkeypatch.setattr(crafter_ellm, "run", fake_run)
+    records = tmp_path / "records"
+    first = crafter_ellm.recorded_run("crafter_crafter_8_s0", tmp_path / "a", ["seed=0"], 1, records)
+    assert calls == ["crafter_crafter_8_s0"] and first["metrics"] == {"rollout/crafter_score": [[10, 1.0], [20, 1.5]]}
+    again = crafter_ellm.recorded_run("crafter_crafter_8_s0", tmp_path / "fresh", ["seed=0"], 1, records)
+    assert calls == ["crafter_crafter_8_s0"] and again == first
+    with pytest.raises(ValueError, match="crafter_crafter_8_s0.json.*seed=1"):
+        crafter_ellm.recorded_run("crafter_crafter_8_s0", tmp_path / "fresh", ["seed=1"], 1, records)
+
+
 def test_the_takeover_bench_hands_the_episode_to_the_expert_at_the_named_step():
     """bench/dagger_takeover.py: the policy acts for exactly the first ``handover`` steps, the expert after (on
     the real pick-place-v3 with its scripted expert)."""

@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import COMPARE_PYTHON, ROOT, compare_python
 from toolkit.errors import ToolkitError
 
-COMPARE_PYTHON = ROOT / ".venv-compare" / "bin" / "python"
 FPS, ROBOT, LENGTH, SIZE = 10, "so100", 15, 64
 TASKS = ["pick the cube", "place the cube"]
 
@@ -97,11 +96,7 @@ def cli(module: str, *args) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def lerobot_dataset(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray], dict]:
     """(dataset dir written by LeRobot, LeRobot's own decoded items, its metadata)."""
-    if not COMPARE_PYTHON.exists():
-        reason = f"{COMPARE_PYTHON} is missing: build it with `make compare-venv` (lerobot 0.4.4 beside .venv)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set, so LeRobot must be here: {reason}")
-        pytest.skip(reason)
+    compare_python("lerobot 0.4.4")
     tmp = tmp_path_factory.mktemp("lerobot_real")
     root = tmp / "so100_test"
     items, meta = read_with_lerobot(root, tmp, FPS, ROBOT, LENGTH, SIZE, json.dumps(TASKS))

@@ -22,9 +22,7 @@ from toolkit.convert import convert
 from toolkit.datamodules.episode_file import SIDECAR_NOTE, VIDEOS
 from toolkit.formats.hdf5 import HDF5Reader
 
-from conftest import ROOT, TINY_ENV
-
-COMPARE_PYTHON = ROOT / ".venv-compare" / "bin" / "python"
+from conftest import ROOT, TINY_ENV, compare_python
 
 # Runs in .venv-compare: python SCRIPT OUT_DIR INLINE_FILE SIDECAR_FILE ROBOMIMIC_FORMAT_FILE
 SCRIPT = r'''
@@ -134,15 +132,9 @@ np.savez(out / "arrays.npz", **arrays)
 
 
 @pytest.fixture(scope="module")
-def compare_python() -> Path:
-    """.venv-compare's python: skip without it (before collecting anything), fail without it on CI."""
-    if not COMPARE_PYTHON.exists():
-        message = (f"{COMPARE_PYTHON} is missing: these tests run robomimic 0.3.0 from .venv-compare; "
-                   f"build it with `make compare-venv` (bench/compare_venv.sh)")
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return COMPARE_PYTHON
+def robomimic_python() -> Path:
+    """.venv-compare's python, checked before anything is collected."""
+    return compare_python("robomimic 0.3.0")
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +152,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def robomimic(compare_python, files, tmp_path_factory) -> tuple[dict, dict[str, np.ndarray]]:
+def robomimic(robomimic_python, files, tmp_path_factory) -> tuple[dict, dict[str, np.ndarray]]:
     """Runs SCRIPT once in .venv-compare; returns its results and arrays."""
-    python = compare_python
+    python = robomimic_python
     out = tmp_path_factory.mktemp("robomimic_out")
     script = out / "robomimic_on_our_files.py"
     script.write_text(SCRIPT)
