@@ -1,7 +1,7 @@
 """Crafter exploration (issue 15): PPO with Crafter's reward, + RND, + ELLM goals (oracle suggester), and ELLM
 without Crafter's reward (reward-free pre-training, as ELLM), on the same number of env steps, several seeds.
 
-Every run is ``python train.py experiment=crafter_ppo`` (8 envs x 128 steps per PPO cycle, IMPALA CNN from
+Every run is ``python train.py experiment=crafter_ppo`` (8 envs x 128 steps per PPO cycle, the Nature CNN from
 pixels + inventory) with ``trainer.max_steps`` set from ``--env-steps`` (16 updates per 1,024 env steps). The
 final evaluation runs ``--episodes`` episodes at unseen worlds (seeds 1,000,000+); training worlds start at
 500,000. Reported per setup (mean over seeds): the Crafter score and the distinct achievements unlocked in the
@@ -12,7 +12,7 @@ Also measured here: Crafter env steps/s with 1 and 2 simulator processes (random
 and off), and the captioners' cost per step.
 
     python bench/crafter_ellm.py [--root DIR] [--seeds 0 1 2] [--env-steps 256000] [--episodes 20]
-        [--setups crafter rnd ellm ellm_reward_free] [--speed-only]
+        [--setups crafter rnd ellm ellm_reward_free] [--speed-only | --no-speed]
 
 Finished runs are reused (bench/online_finetune.py's ``run``), and each finished run's results are also kept in
 the repository (``bench/results/crafter_ellm_runs/<run>.json``, ``--records``): the whole bench takes longer than
@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--speed-only", action="store_true", help="only the env speed and captioner cost")
+    parser.add_argument("--no-speed", action="store_true",
+                        help="skip the env speed (parts of the bench run side by side; a final run measures it alone)")
     parser.add_argument("--override", nargs="*", default=[], help="extra train.py overrides for every run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "crafter_ellm.md")
     parser.add_argument("--records", type=Path, default=ROOT / "bench" / "results" / "crafter_ellm_runs",
@@ -122,11 +124,14 @@ def main() -> None:
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
 
-    speed = {(p, c): env_speed(p, c) for p in (1, 2) for c in (False, True)}
-    lines = ["Crafter env steps/s, random actions, 64 px, world generation at resets included:", "",
-             "| processes | captions off | captions on |", "|---|---|---|"]
-    lines += [f"| {p} | {speed[(p, False)]:.0f} | {speed[(p, True)]:.0f} |" for p in (1, 2)]
-    lines += ["", f"Captioners (state caption, transition caption, goal context): {caption_cost():.2f} ms per step.", ""]
+    lines = []
+    if not args.no_speed:
+        speed = {(p, c): env_speed(p, c) for p in (1, 2) for c in (False, True)}
+        lines += ["Crafter env steps/s, random actions, 64 px, world generation at resets included:", "",
+                  "| processes | captions off | captions on |", "|---|---|---|"]
+        lines += [f"| {p} | {speed[(p, False)]:.0f} | {speed[(p, True)]:.0f} |" for p in (1, 2)]
+        lines += ["", f"Captioners (state caption, transition caption, goal context): {caption_cost():.2f} ms per step.",
+                  ""]
     if args.speed_only:
         write_table(lines, args.out, args.root)
         return
