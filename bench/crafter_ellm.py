@@ -171,7 +171,7 @@ def main() -> None:
               "| achievement | " + " | ".join(SETUPS[k][0] for k in results) + " |",
               "|---|" + "---|" * len(results)]
     for achievement in ACHIEVEMENTS:
-        cells = [np.mean([r.get(f"rollout/achievement/{achievement}", 0.0) for r in runs]) for runs in results.values()]
+        cells = [np.mean([r[f"rollout/achievement/{achievement}"] for r in runs]) for runs in results.values()]
         lines.append(f"| {achievement} | " + " | ".join(f"{c:.0%}" for c in cells) + " |")
     write_table(lines, args.out, args.root)
 

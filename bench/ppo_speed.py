@@ -19,8 +19,9 @@ Threads: 1 by default, for both. On a busy 2-core machine two torch threads make
 a second thread (~15 ms a call here instead of 0.01 ms), which swamps both loops.
 
 Rates are steady state: time between the starts of consecutive update cycles (collection + updates), after the first
-cycle, so process start-up and env start-up are out of it. SB3 is optional: ``pip install stable-baselines3``
-(the bench says so when it is missing). Prints a markdown table and writes bench/results/ppo_speed.md.
+cycle, so process start-up and env start-up are out of it. SB3 is optional: ``make compare-venv`` installs it in
+.venv-compare (run the bench with ``.venv-compare/bin/python``), or ``pip install stable-baselines3`` (the bench says
+so when it is missing). Prints a markdown table and writes bench/results/ppo_speed.md.
 """
 
 from __future__ import annotations
@@ -463,8 +464,8 @@ def main() -> None:
             result = CONFIGS[key][1](args)
             if result is None:  # SB3 missing
                 del runs[key]
-                notes.append("Stable-Baselines3 is not installed: `pip install stable-baselines3==2.9.2` "
-                             "(into this venv) for its rows")
+                notes.append("Stable-Baselines3 is not installed: run the bench with .venv-compare/bin/python "
+                             "(make compare-venv) or `pip install stable-baselines3==2.9.2` for its rows")
                 continue
             runs[key].append(result)
             print(f"round {r + 1}: {key}: {result['rate']:.0f} env steps/s", flush=True)
