@@ -22,7 +22,7 @@ from toolkit.convert import convert
 from toolkit.datamodules.episode_file import SIDECAR_NOTE, VIDEOS
 from toolkit.formats.hdf5 import HDF5Reader
 
-from conftest import ROOT, TINY_ENV, compare_python
+from conftest import TINY_ENV, compare_python
 
 # Runs in .venv-compare: python SCRIPT OUT_DIR INLINE_FILE SIDECAR_FILE ROBOMIMIC_FORMAT_FILE
 SCRIPT = r'''
