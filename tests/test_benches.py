@@ -215,6 +215,43 @@ def test_the_crafter_bench_keeps_finished_runs_in_the_repository_and_reuses_them
         crafter_ellm.recorded_run("crafter_crafter_8_s0", tmp_path / "fresh", ["seed=1"], 1, records)
 
 
+def test_the_crafter_bench_tables_and_plots_come_from_the_records_alone(tmp_path, monkeypatch):
+    """A fresh machine holding only the records (no run dirs) writes the bench's tables and learning curves:
+    the mean Crafter score over seeds, every achievement's rate, the score by evaluation."""
+    import json
+
+    import crafter_ellm
+
+    from toolkit.envs.crafter import ACHIEVEMENTS
+
+    records = tmp_path / "records"
+    records.mkdir()
+    for key, extra in (("crafter", []), ("rnd", ["intrinsic=rnd"])):
+        for seed, score in ((0, 1.0), (1, 3.0)):
+            name = f"crafter_{key}_2048_s{seed}"
+            summary = {"rollout/crafter_score": score + (key == "rnd"), "rollout/achievements_unlocked": 4.0,
+                       "env/achievements_unlocked": 9.0, "rollout/return": 1.0, "rollout/episode_length": 150.0,
+                       "env/steps_per_s": 100.0, "process_wall_s": 60.0,
+                       **{f"rollout/achievement/{a}": float(a == "collect_wood") * (seed + 1) / 2 for a in ACHIEVEMENTS},
+                       "metrics": {"rollout/crafter_score": [[15, score / 2], [31, score]],
+                                   "env/achievements_unlocked": [[10, 5.0], [31, 9.0]]}}
+            overrides = ["experiment=crafter_ppo", "trainer.max_steps=32", "trainer.val_check_interval=8",
+                         "callbacks.rollout.num_episodes=20", f"seed={seed}", *extra]
+            (records / f"{name}.json").write_text(json.dumps({"overrides": overrides, "summary": summary}))
+    out = tmp_path / "crafter_ellm.md"
+    monkeypatch.setattr(sys, "argv", ["crafter_ellm.py", "--root", str(tmp_path / "fresh"), "--seeds", "0", "1",
+                                      "--env-steps", "2048", "--setups", "crafter", "rnd", "--no-speed",
+                                      "--records", str(records), "--out", str(out)])
+    crafter_ellm.main()
+    table = out.read_text()
+    assert "| PPO, Crafter's reward | 2.00 (1.41) |" in table and "| PPO + RND | 3.00 (1.41) |" in table
+    assert "| collect_wood | 75% | 75% |" in table and "| collect_coal | 0% | 0% |" in table
+    assert "- PPO, Crafter's reward: 15: 1.00, 31: 2.00" in table
+    plots = tmp_path / "crafter_ellm_plots"
+    assert (plots / "rollout_crafter_score_curves.png").is_file() and (plots / "env_achievements_unlocked_curves.png").is_file()
+    assert not (tmp_path / "fresh" / "logs").exists()  # nothing was trained
+
+
 def test_the_takeover_bench_hands_the_episode_to_the_expert_at_the_named_step():
     """bench/dagger_takeover.py: the policy acts for exactly the first ``handover`` steps, the expert after (on
     the real pick-place-v3 with its scripted expert)."""

@@ -254,9 +254,13 @@ def plot_runs(paths: list[str | Path], metric: str = "rollout/success_rate", out
     for r in runs:
         if r not in with_metric:
             log.warning(f"{r.path}: no {metric} logged, left out")
-    groups = group_runs(with_metric, ignore)
+    return plot_groups(group_runs(with_metric, ignore), metric, Path(out) if out is not None else base / "plots", band)
+
+
+def plot_groups(groups: dict[str, list[Run]], metric: str, out: Path, band: str = "minmax") -> list[Path]:
+    """``plot_runs``' CSV tables and figures for runs already grouped by configuration (label -> seeds), into the
+    directory ``out``; returns the files written."""
     raw, mean, final, final_mean = curve_rows(groups, metric)
-    out = Path(out) if out is not None else base / "plots"
     out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric)
     written = [
