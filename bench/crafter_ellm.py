@@ -12,7 +12,7 @@ Also measured here: Crafter env steps/s with 1 and 2 simulator processes (random
 and off), and the captioners' cost per step.
 
     python bench/crafter_ellm.py [--root DIR] [--seeds 0 1 2] [--env-steps 256000] [--episodes 20]
-        [--setups crafter rnd ellm ellm_reward_free] [--speed-only | --no-speed]
+        [--setups crafter rnd ellm ellm_reward_free] [--speed-only | --no-speed] [--records-only]
 
 Finished runs are reused (bench/online_finetune.py's ``run``), and each finished run's results are also kept in
 the repository (``bench/results/crafter_ellm_runs/<run>.json``, ``--records``): the whole bench takes longer than
@@ -119,6 +119,8 @@ def main() -> None:
                         help="skip the env speed (parts of the bench run side by side; a final run measures it alone)")
     parser.add_argument("--override", nargs="*", default=[], help="extra train.py overrides for every run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "crafter_ellm.md")
+    parser.add_argument("--records-only", action="store_true",
+                        help="train nothing: the tables from the runs that have a record, the others listed as not run")
     parser.add_argument("--records", type=Path, default=ROOT / "bench" / "results" / "crafter_ellm_runs",
                         help="finished runs' results, kept in the repository across machines")
     args = parser.parse_args()
@@ -137,30 +139,39 @@ def main() -> None:
         return
 
     updates = max(1, round(args.env_steps / 1024 * UPDATES_PER_1024_STEPS))
-    results: dict[str, list[dict]] = {}
+    results: dict[str, dict[int, dict]] = {}  # setup -> seed -> the run's summary
+    missing = []
     for key in args.setups:
-        name, extra = SETUPS[key]
-        results[key] = [recorded_run(f"crafter_{key}_{args.env_steps}_s{seed}", args.root,
-                                     ["experiment=crafter_ppo", f"trainer.max_steps={updates}",
-                                      f"trainer.val_check_interval={max(1, updates // 4)}",
-                                      f"callbacks.rollout.num_episodes={args.episodes}", f"seed={seed}", *extra,
-                                      *args.override], args.threads, args.records) for seed in args.seeds]
+        extra = SETUPS[key][1]
+        for seed in args.seeds:
+            name = f"crafter_{key}_{args.env_steps}_s{seed}"
+            if args.records_only and not (args.records / f"{name}.json").exists():
+                missing.append(name)
+                continue
+            results.setdefault(key, {})[seed] = recorded_run(
+                name, args.root, ["experiment=crafter_ppo", f"trainer.max_steps={updates}",
+                                  f"trainer.val_check_interval={max(1, updates // 4)}",
+                                  f"callbacks.rollout.num_episodes={args.episodes}", f"seed={seed}", *extra,
+                                  *args.override], args.threads, args.records)
+    if not results:
+        raise SystemExit(f"no records of these runs in {args.records}: {', '.join(missing)}")
 
     from toolkit.envs.crafter import ACHIEVEMENTS
 
-    lines += [f"Crafter, {args.env_steps:,} env steps per run, seeds {args.seeds}, final evaluation on {args.episodes} "
-              f"unseen worlds (mean over seeds; sd in brackets). Published anchors at 1M steps (Crafter score, %): "
-              f"{ANCHORS}.", "",
-              "| setup | Crafter score (%) | achievements unlocked (eval) | achievements unlocked (last 100 training "
-              "episodes) | eval return | eval episode length | env steps/s | wall time per run (min) |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"Crafter, {args.env_steps:,} env steps per run, final evaluation on {args.episodes} unseen worlds (mean "
+              f"over seeds; sd in brackets). Published anchors at 1M steps (Crafter score, %): {ANCHORS}.", "",
+              "| setup | seeds | Crafter score (%) | achievements unlocked (eval) | achievements unlocked (last 100 "
+              "training episodes) | eval return | eval episode length | env steps/s | wall time per run (min) |",
+              "|---|---|---|---|---|---|---|---|---|"]
 
     def mean_sd(values: list[float], spec: str) -> str:
         v = np.asarray(values, float)
         return f"{fmt(float(v.mean()), spec)} ({fmt(float(v.std(ddof=1)) if len(v) > 1 else float('nan'), spec)})"
 
-    for key, runs in results.items():
-        lines.append(f"| {SETUPS[key][0]} | {mean_sd([r['rollout/crafter_score'] for r in runs], '.2f')} | "
+    for key, by_seed in results.items():
+        runs = list(by_seed.values())
+        lines.append(f"| {SETUPS[key][0]} | {', '.join(map(str, by_seed))} | "
+                     f"{mean_sd([r['rollout/crafter_score'] for r in runs], '.2f')} | "
                      f"{mean_sd([r['rollout/achievements_unlocked'] for r in runs], '.1f')} | "
                      f"{mean_sd([r.get('env/achievements_unlocked', float('nan')) for r in runs], '.1f')} | "
                      f"{mean_sd([r['rollout/return'] for r in runs], '.2f')} | "
@@ -171,16 +182,17 @@ def main() -> None:
               "| achievement | " + " | ".join(SETUPS[k][0] for k in results) + " |",
               "|---|" + "---|" * len(results)]
     for achievement in ACHIEVEMENTS:
-        cells = [np.mean([r[f"rollout/achievement/{achievement}"] for r in runs]) for runs in results.values()]
+        cells = [np.mean([r[f"rollout/achievement/{achievement}"] for r in by_seed.values()])
+                 for by_seed in results.values()]
         lines.append(f"| {achievement} | " + " | ".join(f"{c:.0%}" for c in cells) + " |")
 
     # learning curves from the runs' recorded metrics: the Crafter score of each evaluation and the distinct
     # achievements of the last 100 training episodes (ELLM's measure of exploration), mean over seeds
     from toolkit.plot import Run, plot_groups
 
-    groups = {SETUPS[key][0]: [Run(Path(name), name, seed, None, [], r["metrics"]) for seed, r in zip(args.seeds, runs)
+    groups = {SETUPS[key][0]: [Run(Path(name), name, seed, None, [], r["metrics"]) for seed, r in by_seed.items()
                                for name in [f"crafter_{key}_{args.env_steps}_s{seed}"]]
-              for key, runs in results.items()}
+              for key, by_seed in results.items()}
     plots = args.out.parent / f"{args.out.stem}_plots"
     for metric in ("rollout/crafter_score", "env/achievements_unlocked"):
         plot_groups(groups, metric, plots)
@@ -193,6 +205,8 @@ def main() -> None:
         lines.append(f"- {label}: " + ", ".join(f"{step}: {np.mean(v):.2f}" for step, v in sorted(by_step.items())))
     lines += ["", f"Curves (x: PPO updates, 16 per 1,024 env steps; band: min-max over seeds): "
               f"`{plots.relative_to(ROOT) if plots.is_relative_to(ROOT) else plots}/`"]
+    if missing:
+        lines += ["", f"Not run yet (no record in {args.records.name}/): {', '.join(missing)}"]
     write_table(lines, args.out, args.root)
 
 

@@ -244,12 +244,25 @@ def test_the_crafter_bench_tables_and_plots_come_from_the_records_alone(tmp_path
                                       "--records", str(records), "--out", str(out)])
     crafter_ellm.main()
     table = out.read_text()
-    assert "| PPO, Crafter's reward | 2.00 (1.41) |" in table and "| PPO + RND | 3.00 (1.41) |" in table
+    assert "| PPO, Crafter's reward | 0, 1 | 2.00 (1.41) |" in table and "| PPO + RND | 0, 1 | 3.00 (1.41) |" in table
     assert "| collect_wood | 75% | 75% |" in table and "| collect_coal | 0% | 0% |" in table
     assert "- PPO, Crafter's reward: 15: 1.00, 31: 2.00" in table
     plots = tmp_path / "crafter_ellm_plots"
     assert (plots / "rollout_crafter_score_curves.png").is_file() and (plots / "env_achievements_unlocked_curves.png").is_file()
     assert not (tmp_path / "fresh" / "logs").exists()  # nothing was trained
+
+    # --records-only: a bench half done (seed 2 never ran, ELLM not at all) tables what it has and names the rest
+    (records / "crafter_rnd_2048_s1.json").unlink()
+    monkeypatch.setattr(sys, "argv", ["crafter_ellm.py", "--root", str(tmp_path / "fresh"), "--seeds", "0", "1", "2",
+                                      "--env-steps", "2048", "--setups", "crafter", "rnd", "ellm", "--no-speed",
+                                      "--records-only", "--records", str(records), "--out", str(out)])
+    crafter_ellm.main()
+    table = out.read_text()
+    assert "| PPO, Crafter's reward | 0, 1 | 2.00 (1.41) |" in table and "| PPO + RND | 0 | 2.00 (n/a) |" in table
+    assert "ELLM" not in table.split("Not run yet")[0]
+    assert ("Not run yet (no record in records/): crafter_crafter_2048_s2, crafter_rnd_2048_s1, crafter_rnd_2048_s2, "
+            "crafter_ellm_2048_s0, crafter_ellm_2048_s1, crafter_ellm_2048_s2") in table
+    assert not (tmp_path / "fresh" / "logs").exists()
 
 
 def test_the_takeover_bench_hands_the_episode_to_the_expert_at_the_named_step():
