@@ -188,7 +188,7 @@ def main() -> None:
 
     # learning curves from the runs' recorded metrics: the Crafter score of each evaluation and the distinct
     # achievements of the last 100 training episodes (ELLM's measure of exploration), mean over seeds
-    from toolkit.plot import Run, plot_groups
+    from toolkit.plot import Run, curve_rows, plot_groups
 
     groups = {SETUPS[key][0]: [Run(Path(name), name, seed, None, [], r["metrics"]) for seed, r in by_seed.items()
                                for name in [f"crafter_{key}_{args.env_steps}_s{seed}"]]
@@ -197,12 +197,10 @@ def main() -> None:
     for metric in ("rollout/crafter_score", "env/achievements_unlocked"):
         plot_groups(groups, metric, plots)
     lines += ["", "Crafter score (%) by evaluation (PPO update: mean over seeds):", ""]
-    for label, runs in groups.items():
-        by_step: dict[int, list[float]] = {}
-        for run in runs:
-            for step, value in run.metrics["rollout/crafter_score"]:
-                by_step.setdefault(int(step), []).append(value)
-        lines.append(f"- {label}: " + ", ".join(f"{step}: {np.mean(v):.2f}" for step, v in sorted(by_step.items())))
+    mean = curve_rows(groups, "rollout/crafter_score")[1]  # per configuration and step, steps in order
+    for label in groups:
+        lines.append(f"- {label}: " + ", ".join(f"{row['step']}: {row['mean']:.2f}" for row in mean
+                                                 if row["configuration"] == label))
     lines += ["", f"Curves (x: PPO updates, 16 per 1,024 env steps; band: min-max over seeds): "
               f"`{plots.relative_to(ROOT) if plots.is_relative_to(ROOT) else plots}/`"]
     if missing:
