@@ -46,6 +46,14 @@ SETUPS = [  # (run name, label, overrides)
 DEFAULT_SETUPS = ["bc", "bc_relabel", "iql_relabel_chain"]
 
 
+def common_overrides(level: str, demos: int, steps: int, symbolic: bool, threads: int) -> list[str]:
+    """Every run's train.py overrides: the level, its demo count, missions of more than 2 clauses held out."""
+    return ["env=babyai", f"env.level={level}", "env.image_size=64", "env.max_episode_steps=64",
+            f"env.symbolic={str(symbolic).lower()}", f"num_threads={threads}", f"data.num_demos={demos}",
+            "data.max_sub_instructions=2", f"trainer.max_steps={steps}",
+            f"trainer.val_check_interval={max(1, steps // 3)}", "callbacks.rollout.video_episodes=0"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=None)
@@ -55,11 +63,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--episodes", type=int, default=20, help="zero-shot episodes per category and clause count")
     parser.add_argument("--setups", nargs="+", default=DEFAULT_SETUPS, choices=[key for key, _, _ in SETUPS])
+    parser.add_argument("--pixels-only", action="store_true",
+                        help="leave out the egocentric symbolic view (env.symbolic=false), as the first measurement did")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run (num_threads)")
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="bench_babyai_"))
-    common = ["env=babyai", f"env.level={args.level}", "env.image_size=64", "env.max_episode_steps=64", "env.symbolic=false",
-              f"data.num_demos={args.demos}", "data.max_sub_instructions=2", f"trainer.max_steps={args.steps}",
-              f"trainer.val_check_interval={max(1, args.steps // 3)}", "callbacks.rollout.video_episodes=0"]
+    common = common_overrides(args.level, args.demos, args.steps, not args.pixels_only, args.threads)
     results: dict[str, list[dict]] = {}
     for key, label, overrides in [setup for setup in SETUPS if setup[0] in args.setups]:
         for seed in args.seeds:

@@ -78,6 +78,36 @@ def test_the_babyai_film_experiment_is_the_benchs_99_percent_variant():
     assert linear.policy.state_encoder is None and linear.data == experiment.data
 
 
+@pytest.mark.parametrize("symbolic", [True, False])
+def test_the_sprint_bench_holds_out_missions_of_more_than_two_clauses(symbolic):
+    """bench/babyai_language.py: every setup trains on the level's bot demos with missions of more than 2 clauses
+    held out, BabyAI's defaults (one action per step, no shift) and the symbolic view unless --pixels-only; the
+    setups differ only in the policy, the relabeling modes and which losses train the encoder."""
+    from babyai_language import SETUPS, common_overrides
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    expected = {"bc": ("BCTransformer", None, None), "bc_relabel": ("BCTransformer", ["primitive", "aggregate"], None),
+                "iql_relabel_chain": ("IQLPolicy", ["primitive", "aggregate", "chain"], "critic"),
+                "iql_relabel_chain_enc_all": ("IQLPolicy", ["primitive", "aggregate", "chain"], "all")}
+    assert [key for key, _, _ in SETUPS] == list(expected)
+    configs = {}
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for key, _, overrides in SETUPS:
+            configs[key] = compose("train", overrides=[*common_overrides("GoToSeqS5R2", 1000, 5000, symbolic, 1),
+                                                       *overrides, "seed=2"])
+    for key, (policy, relabel, encoder_updated_by) in expected.items():
+        cfg = configs[key]
+        assert cfg.env.level == "GoToSeqS5R2" and cfg.env.symbolic is symbolic and cfg.seed == 2
+        assert cfg.data.num_demos == 1000 and cfg.data.max_sub_instructions == 2 and cfg.trainer.max_steps == 5000
+        assert (cfg.data.horizon, cfg.policy.augment_shift) == (1, 0)
+        assert cfg.policy._target_.endswith(policy)
+        assert (list(cfg.data.relabel) if cfg.data.relabel else None) == relabel
+        assert cfg.policy.get("encoder_updated_by") == encoder_updated_by
+        assert cfg.env == configs["bc"].env
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, 500), min_size=1, max_size=50), st.data())
 def test_bc_at_equal_labels_gets_the_fewest_demos_that_reach_daggers_labels(lengths, data):
