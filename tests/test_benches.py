@@ -89,7 +89,8 @@ def test_the_sprint_bench_holds_out_missions_of_more_than_two_clauses(symbolic):
 
     expected = {"bc": ("BCTransformer", None, None), "bc_relabel": ("BCTransformer", ["primitive", "aggregate"], None),
                 "iql_relabel_chain": ("IQLPolicy", ["primitive", "aggregate", "chain"], "critic"),
-                "iql_relabel_chain_enc_all": ("IQLPolicy", ["primitive", "aggregate", "chain"], "all")}
+                "iql_relabel_chain_enc_all": ("IQLPolicy", ["primitive", "aggregate", "chain"], "all"),
+                "iql_enc_all": ("IQLPolicy", None, "all")}
     assert [key for key, _, _ in SETUPS] == list(expected)
     configs = {}
     GlobalHydra.instance().clear()
