@@ -83,15 +83,15 @@ def test_the_sprint_bench_holds_out_missions_of_more_than_two_clauses(symbolic):
     """bench/babyai_language.py: every setup trains on the level's bot demos with missions of more than 2 clauses
     held out, BabyAI's defaults (one action per step, no shift) and the symbolic view unless --pixels-only; the
     setups differ only in the policy, the relabeling modes and which losses train the encoder."""
-    from babyai_language import SETUPS, common_overrides
+    from babyai_language import DEFAULT_SETUPS, SETUPS, common_overrides
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     expected = {"bc": ("BCTransformer", None, None), "bc_relabel": ("BCTransformer", ["primitive", "aggregate"], None),
-                "iql_relabel_chain": ("IQLPolicy", ["primitive", "aggregate", "chain"], "critic"),
+                "iql_enc_all": ("IQLPolicy", None, "all"),
                 "iql_relabel_chain_enc_all": ("IQLPolicy", ["primitive", "aggregate", "chain"], "all"),
-                "iql_enc_all": ("IQLPolicy", None, "all")}
-    assert [key for key, _, _ in SETUPS] == list(expected)
+                "iql_relabel_chain": ("IQLPolicy", ["primitive", "aggregate", "chain"], "critic")}
+    assert [key for key, _, _ in SETUPS] == list(expected) and DEFAULT_SETUPS == list(expected)[:4]
     configs = {}
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -321,3 +321,17 @@ def test_the_takeover_bench_hands_the_episode_to_the_expert_at_the_named_step():
             assert policy.calls == handover
     finally:
         env.close()
+
+
+def test_the_sprint_bench_pools_unseen_chains_by_episodes():
+    """The SPRINT bench's last column is the success over all episodes of unseen missions of 2+ clauses: the seen
+    missions and the single unseen clauses stay out, and cells weigh by their number of episodes."""
+    from babyai_language import unseen_chain_success
+
+    def row(category, clauses, episodes, success_rate):
+        return {(category, clauses): {"category": category, "clauses": clauses, "episodes": episodes,
+                                      "success_rate": success_rate}}
+
+    rows = {**row("seen", 2, 20, 1.0), **row("unseen combination", 1, 20, 1.0), **row("unseen combination", 2, 10, 0.5),
+            **row("longer chain", 3, 30, 0.1)}
+    assert unseen_chain_success(rows) == pytest.approx((5 + 3) / 40)
