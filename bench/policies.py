@@ -4,7 +4,7 @@
    actions) in one file; the BC transformer and IQL are trained on it;
 2. DAgger against BC (a task where BC with few demos fails often, pick-place by default): DAgger starts from
    3 demos and adds ``--dagger-iterations`` x ``--dagger-episodes`` expert-labelled episodes (a beta-mixture of
-   expert and learner: beta 1, 0.5, 0.25, ...), ``--dagger-steps`` training steps per iteration (by default
+   expert and learner: beta 1, 0.5, 0.25, ..., ``--dagger-decay`` ** k), ``--dagger-steps`` training steps per iteration (by default
    ``--steps`` split evenly: iterations + 1 cycles, each on the aggregate of its time, the learning rate's cosine
    restarted at every iteration), the last cycle on the whole aggregate.
    BC (the same BC transformer, ``--steps`` training steps) gets expert demonstrations:
@@ -16,6 +16,7 @@
 
     python bench/policies.py [--root DIR] [--steps 1000] [--seeds 0 1 2] [--parts mixed dagger]
         [--dagger-iterations 4] [--dagger-episodes 4] [--dagger-steps N] [--horizon H] [--expert lift_first]
+        [--dagger-decay 0.5]
 
 Each run is a ``python train.py``; a run whose summary.json exists under ``--root`` is reused and one
 interrupted after a checkpoint continues from it (a DAgger run with its file), so the bench can be re-run after
@@ -75,14 +76,16 @@ def demos_for_labels(lengths: list[int], labels: int) -> int:
     return int(np.searchsorted(total, labels)) + 1
 
 
-def dagger_overrides(path: Path, seed: int, per_iteration: int, iterations: int, episodes: int) -> list[str]:
+def dagger_overrides(path: Path, seed: int, per_iteration: int, iterations: int, episodes: int,
+                     decay: float = 0.5) -> list[str]:
     """DAgger from 3 demos, ``iterations`` x ``episodes`` labelled episodes, iteration k after (k + 1) *
-    ``per_iteration`` steps (each a cosine cycle of the learning rate), and a last cycle on the whole aggregate."""
+    ``per_iteration`` steps (each a cosine cycle of the learning rate), and a last cycle on the whole aggregate;
+    the expert acts with probability ``decay ** k`` at iteration k."""
     total = (iterations + 1) * per_iteration
     return ["policy=dagger", f"data.path={path}", "data.num_demos=3", f"seed={seed}",
             f"callbacks.dagger.iterations={iterations}", f"callbacks.dagger.episodes_per_iteration={episodes}",
-            f"callbacks.dagger.steps_per_iteration={per_iteration}", f"trainer.max_steps={total}",
-            f"trainer.val_check_interval={total}"]
+            f"callbacks.dagger.steps_per_iteration={per_iteration}", f"callbacks.dagger.decay={decay}",
+            f"trainer.max_steps={total}", f"trainer.val_check_interval={total}"]
 
 
 def aggregate_overrides(path: Path, episodes: int, seed: int, steps: int) -> list[str]:
@@ -91,13 +94,16 @@ def aggregate_overrides(path: Path, episodes: int, seed: int, steps: int) -> lis
 
 
 def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: int, iterations: int,
-           episodes: int, per_iteration: int, threads: int, tag: str = "", labeller: str = "metaworld") -> list[tuple]:
-    """The DAgger rows (BC trained ``steps`` steps, DAgger ``per_iteration`` per iteration); ``tag`` (e.g. ``_h1``)
-    names runs whose ``common`` overrides differ from the defaults. ``labeller`` (``env.expert``) labels DAgger's states;
-    the BC rows' demos come from Meta-World's expert, which gives the same demos from the reset pose."""
+           episodes: int, per_iteration: int, threads: int, tag: str = "", labeller: str = "metaworld",
+           decay: float = 0.5) -> list[tuple]:
+    """The DAgger rows (BC trained ``steps`` steps, DAgger ``per_iteration`` per iteration, beta ``decay ** k``);
+    ``tag`` (e.g. ``_h1``) names runs whose ``common`` overrides differ from the defaults. ``labeller``
+    (``env.expert``) labels DAgger's states; the BC rows' demos come from Meta-World's expert, which gives the
+    same demos from the reset pose."""
     env = [f"env.task={task}"]
     labelled = [*env, f"env.expert={labeller}"] if labeller != "metaworld" else env
-    dagger_tag = tag + (f"_{labeller}" if labeller != "metaworld" else "")  # the BC rows' runs stay shared
+    # the BC rows' runs stay shared between labellers and schedules
+    dagger_tag = tag + (f"_{labeller}" if labeller != "metaworld" else "") + (f"_decay{decay:g}" if decay != 0.5 else "")
     expert = root / "data" / f"{task}_expert.hdf5"
     collect(expert, root, 100, *env)
     runs: dict[str, list] = {"dagger": [], "labels": [], "episodes": [], "aggregate": []}
@@ -105,7 +111,7 @@ def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: in
     for s in seeds:
         name = f"dagger_{task}_i{iterations}x{episodes}_p{per_iteration}{dagger_tag}_s{s}"
         path = root / "data" / f"{name}.hdf5"
-        overrides = [*dagger_overrides(path, s, per_iteration, iterations, episodes), *labelled, *common]
+        overrides = [*dagger_overrides(path, s, per_iteration, iterations, episodes, decay), *labelled, *common]
         if find_summary(root, name) is None and not train_command(name, root, overrides, threads)[1]:
             path.unlink(missing_ok=True)  # a run killed before its first checkpoint starts again from 3 demos
         # (one killed later continues from its checkpoint and the file, rolling out only the missing episodes)
@@ -127,7 +133,7 @@ def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: in
             budgets[key].append(f"{n} demos = {n_steps}")
     data = f"({task}, BC {steps} training steps)"
     return [(f"DAgger {data}", f"DAgger: 3 demos + {iterations} x {episodes} labelled episodes, "
-                               f"{per_iteration} steps per iteration, labels by env.expert={labeller}",
+                               f"{per_iteration} steps per iteration, beta {decay:g}^k, labels by env.expert={labeller}",
              ", ".join(budgets["dagger"]), runs["dagger"]),
             (f"equal expert labels {data}", "BC transformer on expert demos", ", ".join(budgets["labels"]),
              runs["labels"]),
@@ -153,6 +159,8 @@ def main() -> None:
     parser.add_argument("--horizon", type=int, default=None, help="data.horizon (action chunk) of every run")
     parser.add_argument("--expert", default="metaworld", choices=["metaworld", "lift_first"],
                         help="env.expert of the DAgger runs (the scripted policy that labels the learner's states)")
+    parser.add_argument("--dagger-decay", type=float, default=0.5,
+                        help="beta = decay ** k, the probability that the expert acts at iteration k (Ross et al.'s p)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run (num_threads)")
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="bench_policies_"))
@@ -165,7 +173,7 @@ def main() -> None:
         per_iteration = args.dagger_steps or args.steps // (args.dagger_iterations + 1)
         rows += dagger(root, args.seeds, common, args.dagger_task, args.steps, args.dagger_iterations,
                        args.dagger_episodes, per_iteration, args.threads,
-                       "" if args.horizon is None else f"_h{args.horizon}", args.expert)
+                       "" if args.horizon is None else f"_h{args.horizon}", args.expert, args.dagger_decay)
     seeds = ", ".join(map(str, args.seeds))
     lines = [f"| data | policy | expert-labelled states | success per seed ({seeds}) | mean success | "
              f"mean ep. length |", "|---|---|---|---|---|---|"]

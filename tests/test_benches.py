@@ -123,11 +123,11 @@ def test_bc_at_equal_labels_gets_the_fewest_demos_that_reach_daggers_labels(leng
         demos_for_labels(lengths, sum(lengths) + 1)
 
 
-@pytest.mark.parametrize("iterations, episodes, per_iteration", [(4, 4, 200), (10, 4, 1000)])
-def test_dagger_bench_runs_the_iterations_it_names(tmp_path, iterations, episodes, per_iteration):
+@pytest.mark.parametrize("iterations, episodes, per_iteration, decay", [(4, 4, 200, 0.5), (10, 4, 1000, 0.7)])
+def test_dagger_bench_runs_the_iterations_it_names(tmp_path, iterations, episodes, per_iteration, decay):
     """The DAgger row's overrides: 3 demos, the named iterations x episodes, iteration k after (k + 1) x the
     steps per iteration, a last cycle of as many steps on the whole aggregate, the learning rate's cosine
-    restarted at every iteration, the bench's own file, DAgger's beta mixture 1, 0.5, 0.25, ..."""
+    restarted at every iteration, the bench's own file, DAgger's beta mixture 1, decay, decay ** 2, ..."""
     import torch
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -137,13 +137,15 @@ def test_dagger_bench_runs_the_iterations_it_names(tmp_path, iterations, episode
     path = tmp_path / "dagger.hdf5"
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*dagger_overrides(path, 2, per_iteration, iterations, episodes),
+        cfg = compose("train", overrides=[*dagger_overrides(path, 2, per_iteration, iterations, episodes, decay),
                                           "env.task=pick-place-v3"])
     d = cfg.callbacks.dagger
     assert cfg.data.num_demos == 3 and cfg.data.path == str(path) and cfg.seed == 2
     assert (d.iterations, d.episodes_per_iteration, d.steps_per_iteration) == (iterations, episodes, per_iteration)
     assert cfg.trainer.max_steps == (iterations + 1) * per_iteration == cfg.trainer.val_check_interval
-    assert (d.beta0, d.decay) == (1.0, 0.5)
+    assert (d.beta0, d.decay) == (1.0, decay)
+    callback = instantiate(d)
+    assert [callback.beta(k) for k in range(3)] == pytest.approx([1.0, decay, decay ** 2])
     assert cfg.policy._target_.endswith("BCTransformer")
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.policy.lr)
     scheduler = instantiate(cfg.policy.scheduler)(optimizer=optimizer)
