@@ -4,9 +4,9 @@
    actions) in one file; the BC transformer and IQL are trained on it;
 2. DAgger against BC (a task where BC with few demos fails often, pick-place by default): DAgger starts from
    3 demos and adds ``--dagger-iterations`` x ``--dagger-episodes`` expert-labelled episodes (a beta-mixture of
-   expert and learner: beta 1, 0.5, 0.25, ..., ``--dagger-decay`` ** k), ``--dagger-steps`` training steps per iteration (by default
-   ``--steps`` split evenly: iterations + 1 cycles, each on the aggregate of its time, the learning rate's cosine
-   restarted at every iteration), the last cycle on the whole aggregate.
+   expert and learner: beta = ``--dagger-decay`` ** k, 1, 0.5, 0.25, ... by default), ``--dagger-steps`` training
+   steps per iteration (by default ``--steps`` split evenly: iterations + 1 cycles, each on the aggregate of its
+   time, the learning rate's cosine restarted at every iteration), the last cycle on the whole aggregate.
    BC (the same BC transformer, ``--steps`` training steps) gets expert demonstrations:
    - equal expert labels: as many demos as it takes to reach the DAgger file's number of labelled states;
    - equal episodes: as many demos as the DAgger file has episodes (as many initial configurations);
@@ -103,7 +103,8 @@ def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: in
     env = [f"env.task={task}"]
     labelled = [*env, f"env.expert={labeller}"] if labeller != "metaworld" else env
     # the BC rows' runs stay shared between labellers and schedules
-    dagger_tag = tag + (f"_{labeller}" if labeller != "metaworld" else "") + (f"_decay{decay:g}" if decay != 0.5 else "")
+    dagger_tag = (tag + (f"_{labeller}" if labeller != "metaworld" else "")
+                  + (f"_decay{decay:g}" if decay != 0.5 else ""))
     expert = root / "data" / f"{task}_expert.hdf5"
     collect(expert, root, 100, *env)
     runs: dict[str, list] = {"dagger": [], "labels": [], "episodes": [], "aggregate": []}
@@ -133,7 +134,8 @@ def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: in
             budgets[key].append(f"{n} demos = {n_steps}")
     data = f"({task}, BC {steps} training steps)"
     return [(f"DAgger {data}", f"DAgger: 3 demos + {iterations} x {episodes} labelled episodes, "
-                               f"{per_iteration} steps per iteration, beta {decay:g}^k, labels by env.expert={labeller}",
+                               f"{per_iteration} steps per iteration, beta {decay:g}^k, "
+                               f"labels by env.expert={labeller}",
              ", ".join(budgets["dagger"]), runs["dagger"]),
             (f"equal expert labels {data}", "BC transformer on expert demos", ", ".join(budgets["labels"]),
              runs["labels"]),
