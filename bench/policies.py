@@ -39,6 +39,9 @@ from drawer_open import ROOT, run  # noqa: E402
 from online_finetune import find_summary, train_command  # noqa: E402
 from online_finetune import run as run_once  # noqa: E402
 
+# conf/policy/dagger.yaml's callbacks.dagger.decay; runs at this decay keep names without a decay tag
+DEFAULT_DECAY = 0.5
+
 
 def collect(path: Path, root: Path, n: int, *extra: str) -> None:
     subprocess.run([sys.executable, "-m", "toolkit.collect", f"data.path={path}", f"data.num_demos={n}",
@@ -77,7 +80,7 @@ def demos_for_labels(lengths: list[int], labels: int) -> int:
 
 
 def dagger_overrides(path: Path, seed: int, per_iteration: int, iterations: int, episodes: int,
-                     decay: float = 0.5) -> list[str]:
+                     decay: float = DEFAULT_DECAY) -> list[str]:
     """DAgger from 3 demos, ``iterations`` x ``episodes`` labelled episodes, iteration k after (k + 1) *
     ``per_iteration`` steps (each a cosine cycle of the learning rate), and a last cycle on the whole aggregate;
     the expert acts with probability ``decay ** k`` at iteration k."""
@@ -95,7 +98,7 @@ def aggregate_overrides(path: Path, episodes: int, seed: int, steps: int) -> lis
 
 def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: int, iterations: int,
            episodes: int, per_iteration: int, threads: int, tag: str = "", labeller: str = "metaworld",
-           decay: float = 0.5) -> list[tuple]:
+           decay: float = DEFAULT_DECAY) -> list[tuple]:
     """The DAgger rows (BC trained ``steps`` steps, DAgger ``per_iteration`` per iteration, beta ``decay ** k``);
     ``tag`` (e.g. ``_h1``) names runs whose ``common`` overrides differ from the defaults. ``labeller``
     (``env.expert``) labels DAgger's states; the BC rows' demos come from Meta-World's expert, which gives the
@@ -104,7 +107,7 @@ def dagger(root: Path, seeds: list[int], common: list[str], task: str, steps: in
     labelled = [*env, f"env.expert={labeller}"] if labeller != "metaworld" else env
     # the BC rows' runs stay shared between labellers and schedules
     dagger_tag = (tag + (f"_{labeller}" if labeller != "metaworld" else "")
-                  + (f"_decay{decay:g}" if decay != 0.5 else ""))
+                  + (f"_decay{decay:g}" if decay != DEFAULT_DECAY else ""))
     expert = root / "data" / f"{task}_expert.hdf5"
     collect(expert, root, 100, *env)
     runs: dict[str, list] = {"dagger": [], "labels": [], "episodes": [], "aggregate": []}
@@ -161,7 +164,7 @@ def main() -> None:
     parser.add_argument("--horizon", type=int, default=None, help="data.horizon (action chunk) of every run")
     parser.add_argument("--expert", default="metaworld", choices=["metaworld", "lift_first"],
                         help="env.expert of the DAgger runs (the scripted policy that labels the learner's states)")
-    parser.add_argument("--dagger-decay", type=float, default=0.5,
+    parser.add_argument("--dagger-decay", type=float, default=DEFAULT_DECAY,
                         help="beta = decay ** k, the probability that the expert acts at iteration k (Ross et al.'s p)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run (num_threads)")
     args = parser.parse_args()

@@ -123,6 +123,14 @@ def test_bc_at_equal_labels_gets_the_fewest_demos_that_reach_daggers_labels(leng
         demos_for_labels(lengths, sum(lengths) + 1)
 
 
+def test_dagger_bench_default_decay_is_policy_daggers():
+    """A bench run without --dagger-decay (and its untagged run name) is DAgger at conf/policy/dagger.yaml's beta."""
+    from omegaconf import OmegaConf
+    from policies import DEFAULT_DECAY
+
+    assert OmegaConf.load(ROOT / "conf" / "policy" / "dagger.yaml").callbacks.dagger.decay == DEFAULT_DECAY
+
+
 @pytest.mark.parametrize("iterations, episodes, per_iteration, decay", [(4, 4, 200, 0.5), (10, 4, 1000, 0.7)])
 def test_dagger_bench_runs_the_iterations_it_names(tmp_path, iterations, episodes, per_iteration, decay):
     """The DAgger row's overrides: 3 demos, the named iterations x episodes, iteration k after (k + 1) x the
