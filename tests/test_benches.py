@@ -60,22 +60,37 @@ def test_babyai_imitation_variants_compose_to_the_settings_they_name(tmp_path):
         assert cfg.policy._target_.endswith("BCTransformer")
 
 
-def test_the_babyai_film_experiment_is_the_benchs_99_percent_variant():
-    """``experiment=babyai_film`` trains what the README's 99.5% row ran (bench variant symbolic_only_film_gru64)."""
+@pytest.mark.parametrize("level", ["GoToRedBall", "GoToLocal", "PutNextLocal"])
+def test_the_babyai_film_experiment_is_the_benchs_film_variant(level):
+    """``experiment=babyai_film env.level=<level>`` trains what the README's FiLM rows ran (bench variant
+    symbolic_only_film_gru64 with ``--level``): 5,000 training demos, 4,000 steps, 200 unseen episodes."""
     from babyai_imitation import overrides
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        bench = compose("train", overrides=overrides("GoToRedBall", 5000, 4000, 200, "symbolic_only_film_gru64", 0))
-        experiment = compose("train", overrides=["experiment=babyai_film"])
-        linear = compose("train", overrides=["experiment=babyai_film", "~state_encoder"])
+        bench = compose("train", overrides=overrides(level, 5000, 4000, 200, "symbolic_only_film_gru64", 0))
+        experiment = compose("train", overrides=["experiment=babyai_film", f"env.level={level}"])
+        linear = compose("train", overrides=["experiment=babyai_film", f"env.level={level}", "~state_encoder"])
     for group in ("env", "data", "policy", "trainer"):
         assert experiment[group] == bench[group], group
     assert experiment.callbacks.rollout == bench.callbacks.rollout
+    assert bench.env.level == level and bench.data.num_demos == 5556 and bench.data.history == 64
     # the README's way back to the recipe without the view model (Hydra refuses state_encoder=null here)
     assert linear.policy.state_encoder is None and linear.data == experiment.data
+
+
+def test_babyai_imitation_tables_name_their_level_and_never_invent_published_numbers():
+    """GoToRedBall's table stays where the README links it; other levels get their own file, and a level whose
+    published numbers are not on record says so rather than printing a number."""
+    from babyai_imitation import PAPER, published, results_path
+
+    assert results_path("GoToRedBall").name == "babyai_imitation.md"
+    assert results_path("GoToLocal").name == "babyai_imitation_GoToLocal.md" != results_path("PutNextLocal").name
+    assert published("GoToRedBall") == "Published (5000 demos): BabyAI 1.0 model 89.6%, BabyAI 1.1 model 99.3%"
+    for level in ("GoToLocal", "PutNextLocal"):
+        assert level not in PAPER and "not available" in published(level) and "%" not in published(level)
 
 
 @pytest.mark.parametrize("symbolic", [True, False])
