@@ -22,7 +22,10 @@ after the datamodule's split, every tenth episode to validation, that many are l
   ``policy.trunk=gru`` over a 64-step window (GoToRedBall episodes last at most 64 steps);
 - ``symbolic_only_film_gru64``: as ``symbolic_only_gru64`` with the paper's model of the view in place of a linear
   layer on the one-hots (``state_encoder=babyai_film``: bag-of-words cell embeddings, convolutions, FiLM blocks
-  conditioned on the instruction; ``toolkit.encoders.babyai_film``).
+  conditioned on the instruction; ``toolkit.encoders.babyai_film``);
+- ``symbolic_only_film_gru64_words``: as ``symbolic_only_film_gru64`` with the instruction as one-hot words per
+  position (``language=babyai_words``), so the FiLM layers learn their word embeddings as the paper's model does,
+  in place of MiniLM's frozen sentence embedding (GoToRedBall's one mission never needed the instruction).
 
     python bench/babyai_imitation.py [--root DIR] [--level GoToRedBall] [--train-demos 5000] [--steps 8000]
         [--seeds 0 1 2] [--variants chunk4_shift4 h1_noaug h1_noaug_symbolic h1_noaug_symbolic_hist4 symbolic_only ...] [--episodes 200]
@@ -63,6 +66,11 @@ VARIANTS = {
     "symbolic_only_film_gru64": ("as symbolic_only_gru64, the view through BabyAI 1.1's model (bag of words, convs, FiLM)",
                                  ["data.horizon=1", "policy.augment_shift=0", "env.symbolic=true", "data.obs_keys=[state]",
                                   "policy.trunk=gru", "data.history=64", "state_encoder=babyai_film"]),
+    "symbolic_only_film_gru64_words": ("as symbolic_only_film_gru64, the instruction as learned word embeddings "
+                                       "(language=babyai_words), not MiniLM's sentence embedding",
+                                       ["data.horizon=1", "policy.augment_shift=0", "env.symbolic=true",
+                                        "data.obs_keys=[state]", "policy.trunk=gru", "data.history=64",
+                                        "state_encoder=babyai_film", "language=babyai_words"]),
 }
 # BabyAI 1.1 (Hui et al., 2020), imitation from 5,000 bot demos, success in percent (as quoted in issue 16)
 PAPER = {"GoToRedBall": {"train_demos": 5000, "BabyAI 1.0 model": 89.6, "BabyAI 1.1 model": 99.3}}

@@ -44,7 +44,9 @@ def test_babyai_imitation_variants_compose_to_the_settings_they_name(tmp_path):
                 "h1_noaug_symbolic_hist4": (1, 0, True, 4, pixels, "transformer", None),
                 "symbolic_only": (1, 0, True, 2, ["state"], "transformer", None),
                 "symbolic_only_gru64": (1, 0, True, 64, ["state"], "gru", None),
-                "symbolic_only_film_gru64": (1, 0, True, 64, ["state"], "gru", film)}
+                "symbolic_only_film_gru64": (1, 0, True, 64, ["state"], "gru", film),
+                "symbolic_only_film_gru64_words": (1, 0, True, 64, ["state"], "gru", film)}
+    words = "toolkit.encoders.language.WordPositionEncoder"
     assert set(VARIANTS) == set(expected)
     for variant, (horizon, shift, symbolic, history, obs_keys, trunk, state_encoder) in expected.items():
         GlobalHydra.instance().clear()
@@ -58,6 +60,7 @@ def test_babyai_imitation_variants_compose_to_the_settings_they_name(tmp_path):
         assert (cfg.policy.state_encoder or {}).get("_target_") == state_encoder
         assert cfg.trainer.max_steps == 8000 and cfg.callbacks.rollout.num_episodes == 200
         assert cfg.policy._target_.endswith("BCTransformer")
+        assert (cfg.language._target_ == words) == variant.endswith("_words")
 
 
 @pytest.mark.parametrize("level", ["GoToRedBall", "GoToLocal", "PutNextLocal"])
