@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from toolkit.encoders.language import CLIPTextEncoder, MiniLMEncoder
+from toolkit.encoders.language import CLIPTextEncoder, MiniLMEncoder, WordPositionEncoder
 from toolkit.errors import ToolkitError
 
 torch.set_num_threads(2)
@@ -130,3 +130,33 @@ def test_clip_text_missing_key_and_missing_weights(clip_text_checkpoint, tmp_pat
         CLIPTextEncoder("ViT-B-32", weights=str(broken)).encode(TEXTS)
     with pytest.raises(ToolkitError, match=r"ViT-B-32\.pt"):
         CLIPTextEncoder("ViT-B-32", weights=str(tmp_path / "nope.pt"))
+
+
+@pytest.mark.parametrize("level", ["GoToLocal", "PutNextLocal", "GoToSeqS5R2", "BossLevel"])
+def test_word_positions_encode_every_word_of_real_babyai_missions(level):
+    """``language=babyai_words`` reads minigrid's own missions: each position's one-hot is that word, in order,
+    so "put the red ball next to the green key" and its swap differ."""
+    import gymnasium as gym
+    import minigrid  # noqa: F401  (registers the BabyAI levels)
+
+    encoder = WordPositionEncoder()
+    env = gym.make(f"BabyAI-{level}-v0")
+    missions = sorted({env.reset(seed=s)[0]["mission"] for s in range(30)})
+    codes = encoder(missions).view(len(missions), encoder.max_words, len(encoder.vocabulary))
+    for mission, code in zip(missions, codes):
+        words = mission.replace(",", " ").split()
+        assert code.sum().item() == len(words) and (code.sum(-1) <= 1).all()
+        assert [encoder.vocabulary[i] for i in code[:len(words)].argmax(-1)] == words
+    swap = encoder(["put the red ball next to the green key", "put the green key next to the red ball"])
+    assert not torch.equal(swap[0], swap[1])
+
+
+def test_word_positions_refuse_unknown_words_and_long_instructions():
+    encoder = WordPositionEncoder(vocabulary=["go", "to", "the", "ball"], max_words=4)
+    assert encoder(["go to the ball"]).shape == (1, 16)
+    with pytest.raises(ToolkitError, match=r"\['red'\] not in language.vocabulary"):
+        encoder(["go to red ball"])
+    with pytest.raises(ToolkitError, match="5 words; language.max_words=4"):
+        encoder(["go to the ball ball"])
+    with pytest.raises(ToolkitError, match="repeated words"):
+        WordPositionEncoder(vocabulary=["go", "go"])

@@ -209,6 +209,22 @@ def test_each_policy_trains_on_babyai_with_instructions_and_rolls_out(tmp_path, 
             assert "instruction" in last.attrs and "segments" in last.attrs and last.attrs["source"].startswith("dagger")
 
 
+def test_a_policy_trained_on_word_positions_reloads_with_them(tmp_path):
+    """``language=babyai_words``: the checkpoint names the encoder, so a loaded policy embeds rollout missions the
+    way it trained (64 positions x 31 words), not with the default MiniLM."""
+    from toolkit.encoders.language import WordPositionEncoder
+    from toolkit.policies.base import load_policy
+
+    run_train("env=babyai", "env.level=GoToLocal", "env.image_size=16", "data.num_demos=4", "language=babyai_words",
+              "data.obs_keys=[state]", "state_encoder=babyai_film", "policy.state_encoder.channels=8", root=tmp_path)
+    loaded = load_policy(next(tmp_path.glob("logs/debug/runs/*/checkpoints/last.ckpt")))
+    assert isinstance(loaded.language, WordPositionEncoder) and loaded.hparams["lang_dim"] == 64 * 31
+    env = BabyAIEnv(level="GoToLocal", image_size=16, symbolic=True)
+    obs, _ = env.reset(seed=5)
+    loaded.reset()
+    assert 0 <= loaded.act({**{k: v[None] for k, v in obs.items()}, "instruction": [env.instruction()]})[0, 0] < 7
+
+
 def test_zero_shot_command_reports_each_category(tmp_path):
     run_train("env=babyai", "env.level=GoToSeqS5R2", "env.image_size=16", "data.num_demos=6",
               "env.max_episode_steps=null", "collect.only_success=true", "data.max_sub_instructions=1", root=tmp_path)
