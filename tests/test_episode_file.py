@@ -13,6 +13,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gdict import GDict
 from toolkit.collect import collect, existing_episodes
@@ -61,6 +63,42 @@ def test_split_is_stable_as_the_file_grows():
         small = split_masks(names[:n])
         assert set(small["valid"]) <= set(split_masks(names)["valid"])
         assert small["valid"] and not set(small["valid"]) & set(small["train"])
+
+
+@settings(max_examples=15, deadline=None)
+@given(reopen_at=st.lists(st.integers(0, 23), max_size=4), old_style_masks=st.booleans())
+def test_appended_masks_equal_the_split_of_the_whole_file(tmp_path_factory, reopen_at, old_style_masks):
+    """Masks extended one episode at a time, across writers (resumed collection) and from masks written whole
+    (robomimic's split_train_val, files of earlier versions), are the split of the file's episodes."""
+    path = tmp_path_factory.mktemp("masks") / "f.hdf5"
+    args = {"env_name": "x", "type": "t", "env_kwargs": {}}
+    writer, rng = EpisodeWriter(path, args), np.random.default_rng(0)
+    for i in range(24):
+        if i in reopen_at:
+            writer = EpisodeWriter(path, args)
+        if old_style_masks and i == 5:
+            with h5py.File(path, "a") as f:
+                for split, names in split_masks(episode_names(f)).items():
+                    del f[f"mask/{split}"]
+                    f.create_dataset(f"mask/{split}", data=np.array(names, dtype="S"))
+        writer.append(small_episode(2, rng), {})
+        with h5py.File(path) as f:
+            assert {s: [n.decode() for n in f[f"mask/{s}"][()]] for s in ("train", "valid")} == split_masks(
+                episode_names(f))
+
+
+def test_the_masks_do_not_grow_the_file_quadratically(tmp_path):
+    """Collecting N episodes grows the file by N times one episode's size: rewriting the masks at every append
+    left their old copies behind (HDF5 does not reuse freed space across opens), about N^2 / 2 name bytes."""
+    path = tmp_path / "f.hdf5"
+    writer = EpisodeWriter(path, {"env_name": "x", "type": "t", "env_kwargs": {}})
+    rng, sizes = np.random.default_rng(0), []
+    for _ in range(3):
+        for _ in range(200):
+            writer.append(small_episode(2, rng), {})
+        sizes.append(path.stat().st_size)
+    first, second = sizes[1] - sizes[0], sizes[2] - sizes[1]
+    assert second < 1.02 * first, f"episodes 400-599 grew the file by {second} bytes, episodes 200-399 by {first}"
 
 
 def test_missing_and_corrupt_files_name_the_file(tmp_path):
