@@ -7,8 +7,11 @@ action differs from the bot's, in successful and in failed episodes, and for eac
 disagreement (step, the policy's action, the bot's), whether the target was in the 7x7 view then, the longest run
 of steps in which the agent neither moved nor turned, and the actions it took most. ``--sample`` acts with
 samples of the policy's categorical instead (seeded per episode): whether randomness alone gets it out of its loops.
+``--teacher-forced`` lets the bot act instead and scores the policy on the bot's own episodes, step by step: its
+cross-entropy on the bot's action and how often its most likely action is the bot's, by step of the episode, by
+whether the target is in view and by the bot's action (where the validation loss comes from).
 
-    python bench/babyai_failures.py CKPT [CKPT ...] [--episodes 200] [--seed 1000000] [--sample]
+    python bench/babyai_failures.py CKPT [CKPT ...] [--episodes 200] [--seed 1000000] [--sample | --teacher-forced]
 """
 
 from __future__ import annotations
@@ -40,13 +43,55 @@ def pose(env: BabyAIEnv) -> tuple:
     return tuple(int(v) for v in env._env.agent_pos), int(env._env.agent_dir)
 
 
-def sampled_action(policy, obs: dict, generator: torch.Generator) -> int:
-    """An action drawn from the BC transformer's categorical (its first step), not its most likely one."""
+def action_logits(policy, obs: dict) -> torch.Tensor:
+    """The BC transformer's action logits ``[num_actions]`` (its first step) for one observation, as ``act`` sees it:
+    the observation joins the policy's history window."""
     hist, _ = policy.observe(obs)
     lang = policy._instruction_embedding(obs)
     with torch.no_grad():
-        logits = policy.eval().forward_head(hist if lang is None else {**hist, "lang": lang})[0, 0]
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+        return policy.eval().forward_head(hist if lang is None else {**hist, "lang": lang})[0, 0]
+
+
+def sampled_action(policy, obs: dict, generator: torch.Generator) -> int:
+    """An action drawn from the BC transformer's categorical, not its most likely one."""
+    return int(torch.multinomial(action_logits(policy, obs).softmax(-1), 1, generator=generator))
+
+
+def teacher_forced(policy, env: BabyAIEnv, seed: int) -> list[dict]:
+    """One episode in which the bot acts; per step the policy's cross-entropy on the bot's action (``ce``), whether
+    its most likely action is the bot's (``agrees``), the step, whether the target is in view, the bot's action."""
+    obs, _ = env.reset(seed=seed)
+    policy.reset()
+    rows = []
+    while True:
+        expert = int(env.expert_action()[0])
+        logp = action_logits(policy, {k: v[None] for k, v in obs.items()} | {"instruction": [env.instruction()]})
+        logp = logp.log_softmax(-1)
+        rows.append({"ce": -float(logp[expert]), "agrees": int(logp.argmax()) == expert, "step": len(rows),
+                     "in_view": target_in_view(env), "bot": Actions(expert).name})
+        obs, _, terminated, truncated, _ = env.step(np.array([expert]))
+        if terminated or truncated:
+            return rows
+
+
+def describe_teacher_forced(checkpoint: str, episodes: int, seed: int) -> list[str]:
+    """Where the policy's cross-entropy on the bot's episodes comes from, as a table."""
+    policy, env_cfg = load_for_eval(checkpoint)
+    env = make_env(env_cfg)
+    rows = [row for k in range(episodes) for row in teacher_forced(policy, env, seed + k)]
+    env.close()
+    groups: dict[str, list[dict]] = {"all steps": rows}
+    for row in rows:
+        for name in (f"step {row['step']}" if row["step"] < 6 else "step 6+", f"target in view: {row['in_view']}",
+                     f"bot: {row['bot']}"):
+            groups.setdefault(name, []).append(row)
+    lines = [f"### {checkpoint} (teacher-forced: the bot acts, {episodes} episodes)", "",
+             "| steps | count | cross-entropy on the bot's action | most likely action = the bot's |",
+             "|---|---|---|---|"]
+    for name, members in groups.items():
+        ce, agrees = np.mean([r["ce"] for r in members]), np.mean([r["agrees"] for r in members])
+        lines.append(f"| {name} | {len(members)} | {ce:.3f} | {agrees:.1%} |")
+    return lines + [""]
 
 
 def replay(policy, env: BabyAIEnv, seed: int, sample: bool = False) -> dict:
@@ -109,10 +154,14 @@ def main() -> None:
     parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1_000_000, help="the validation rollouts' first seed")
-    parser.add_argument("--sample", action="store_true", help="act with samples of the policy's categorical")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--sample", action="store_true", help="act with samples of the policy's categorical")
+    mode.add_argument("--teacher-forced", action="store_true", help="the bot acts; score the policy on its actions")
     args = parser.parse_args()
     for checkpoint in args.checkpoints:
-        print("\n".join(describe(checkpoint, args.episodes, args.seed, args.sample)), flush=True)
+        lines = (describe_teacher_forced(checkpoint, args.episodes, args.seed) if args.teacher_forced
+                 else describe(checkpoint, args.episodes, args.seed, args.sample))
+        print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

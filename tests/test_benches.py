@@ -363,3 +363,30 @@ def test_the_sprint_bench_pools_unseen_chains_by_episodes():
     rows = {**row("seen", 2, 20, 1.0), **row("unseen combination", 1, 20, 1.0), **row("unseen combination", 2, 10, 0.5),
             **row("longer chain", 3, 30, 0.1)}
     assert unseen_chain_success(rows) == pytest.approx((5 + 3) / 40)
+
+
+def test_teacher_forced_replay_scores_the_policy_on_the_bots_own_episodes(tmp_path):
+    """``babyai_failures.py --teacher-forced``: the bot acts (its episodes are the demos it would collect from
+    those seeds), and each step is scored by the policy's cross-entropy on the bot's action."""
+    import h5py
+    from minigrid.core.actions import Actions
+
+    from babyai_failures import teacher_forced
+    from conftest import run_train
+    from toolkit.envs.vector import make_env
+    from toolkit.eval import load_for_eval
+
+    run_train("env=babyai", "env.level=GoToLocal", "env.image_size=16", "env.symbolic=true", "data.num_demos=3",
+              "data.obs_keys=[state]", "state_encoder=babyai_film", "policy.state_encoder.channels=8",
+              "policy.trunk=gru", "data.horizon=1", "policy.augment_shift=0", root=tmp_path)
+    policy, env_cfg = load_for_eval(next(tmp_path.glob("logs/debug/runs/*/checkpoints/last.ckpt")))
+    env = make_env(env_cfg)
+    with h5py.File(next(tmp_path.glob("data/*.hdf5"))) as f:
+        for name in ("demo_0", "demo_1", "demo_2"):
+            demo = f["data"][name]
+            rows = teacher_forced(policy, env, int(demo.attrs["seed"]))
+            assert [r["bot"] for r in rows] == [Actions(int(a)).name for a in demo["actions"][:, 0]]
+            assert [r["step"] for r in rows] == list(range(len(rows)))
+            for r in rows:  # the most likely action has probability >= 1/7
+                assert r["ce"] >= 0 and (not r["agrees"] or r["ce"] <= np.log(7) + 1e-5)
+    env.close()
