@@ -88,7 +88,7 @@ def describe_teacher_forced(checkpoint: str, episodes: int, seed: int) -> list[s
     lines = [f"### {checkpoint} (teacher-forced: the bot acts, {episodes} episodes)", "",
              "| steps | count | cross-entropy on the bot's action | most likely action = the bot's |",
              "|---|---|---|---|"]
-    for name, members in groups.items():
+    for name, members in sorted(groups.items(), key=lambda g: (g[0].split(":")[0] != "all steps", g[0])):
         ce, agrees = np.mean([r["ce"] for r in members]), np.mean([r["agrees"] for r in members])
         lines.append(f"| {name} | {len(members)} | {ce:.3f} | {agrees:.1%} |")
     return lines + [""]
