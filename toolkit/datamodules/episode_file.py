@@ -262,21 +262,23 @@ def add_to_masks(f: h5py.File, name: str, index: int, valid_every: int = 10) -> 
     """Put the file's episode number ``index`` (``name``, the last) in its split's mask.
 
     The masks are extended in place, so collecting N episodes costs O(N). Rewriting them whole at each append
-    cost O(N^2) (22,000 BabyAI episodes took hours) and leaked the old masks' space, which HDF5 does not reuse
-    once the file is closed: about N^2 / 2 name bytes, 2.5 GB at 22,000 episodes. A file whose masks are not
-    extendable (robomimic's, older ones) or do not hold every earlier episode gets them rewritten once."""
+    cost O(N^2) (collecting BabyAI demos had slowed to ~230 a minute at 7,000) and leaked the old masks' space,
+    which HDF5 does not reuse once the file is closed: about N^2 / 2 name bytes, 2.5 GB at 22,000 episodes. A
+    file whose masks are not extendable (robomimic's, older ones) or do not hold every earlier episode gets them
+    rewritten once."""
     masks = [f.get(f"mask/{split}") for split in ("train", "valid")]
-    if (all(m is not None and m.maxshape == (None,) and m.dtype.itemsize >= len(name) for m in masks)
-            and sum(len(m) for m in masks) == index):
+    if (all(m is not None and m.maxshape == (None,) and m.dtype.kind == "S" and m.dtype.itemsize >= len(name)
+            for m in masks) and sum(len(m) for m in masks) == index):
         mask = f[f"mask/{split_of(index, valid_every)}"]
         mask.resize((len(mask) + 1,))
         mask[-1] = name.encode()
         return
-    width = max(32, *(len(n) for n in episode_names(f)))
-    for split, names in split_masks(episode_names(f), valid_every).items():
+    names = episode_names(f)
+    width = max(32, *(len(n) for n in names))
+    for split, members in split_masks(names, valid_every).items():
         if f"mask/{split}" in f:
             del f[f"mask/{split}"]
-        f.create_dataset(f"mask/{split}", data=np.array(names, dtype=f"S{width}"), maxshape=(None,), chunks=(1024,))
+        f.create_dataset(f"mask/{split}", data=np.array(members, dtype=f"S{width}"), maxshape=(None,), chunks=(1024,))
 
 
 def read_split(f: h5py.File, split: str) -> list[str]:
