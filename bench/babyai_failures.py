@@ -43,6 +43,11 @@ def pose(env: BabyAIEnv) -> tuple:
     return tuple(int(v) for v in env._env.agent_pos), int(env._env.agent_dir)
 
 
+def policy_batch(env: BabyAIEnv, obs: dict) -> dict:
+    """One env's observation as the batch of one that the policy reads, with its mission."""
+    return {k: v[None] for k, v in obs.items()} | {"instruction": [env.instruction()]}
+
+
 def action_logits(policy, obs: dict) -> torch.Tensor:
     """The BC transformer's action logits ``[num_actions]`` (its first step) for one observation, as ``act`` sees it:
     the observation joins the policy's history window."""
@@ -65,8 +70,7 @@ def teacher_forced(policy, env: BabyAIEnv, seed: int) -> list[dict]:
     rows = []
     while True:
         expert = int(env.expert_action()[0])
-        logp = action_logits(policy, {k: v[None] for k, v in obs.items()} | {"instruction": [env.instruction()]})
-        logp = logp.log_softmax(-1)
+        logp = action_logits(policy, policy_batch(env, obs)).log_softmax(-1)
         rows.append({"ce": -float(logp[expert]), "agrees": int(logp.argmax()) == expert, "step": len(rows),
                      "in_view": target_in_view(env), "bot": Actions(expert).name})
         obs, _, terminated, truncated, _ = env.step(np.array([expert]))
@@ -104,7 +108,7 @@ def replay(policy, env: BabyAIEnv, seed: int, sample: bool = False) -> dict:
         before = pose(env)
         expert = int(env.expert_action()[0])
         in_view = target_in_view(env)
-        batch = {k: v[None] for k, v in obs.items()} | {"instruction": [env.instruction()]}
+        batch = policy_batch(env, obs)
         action = sampled_action(policy, batch, generator) if sample else int(policy.act(batch)[0, 0])
         obs, _, terminated, truncated, info = env.step(np.array([action]))
         rows.append((action, expert, in_view, pose(env) != before))
