@@ -9,7 +9,9 @@ of steps in which the agent neither moved nor turned, and the actions it took mo
 samples of the policy's categorical instead (seeded per episode): whether randomness alone gets it out of its loops.
 ``--teacher-forced`` lets the bot act instead and scores the policy on the bot's own episodes, step by step: its
 cross-entropy on the bot's action and how often its most likely action is the bot's, by step of the episode, by
-whether the target is in view and by the bot's action (where the validation loss comes from).
+whether the target is in view, by how many objects the mission can mean and by the bot's action (where the
+validation loss comes from); and how often the bot's action and the policy's most likely one start a shortest path
+to facing a target, the whole grid known (a disagreement between two shortest paths is a tie, not an error).
 
     python bench/babyai_failures.py CKPT [CKPT ...] [--episodes 200] [--seed 1000000] [--sample | --teacher-forced]
 """
@@ -26,16 +28,57 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minigrid.core.actions import Actions  # noqa: E402
+from minigrid.core.constants import DIR_TO_VEC  # noqa: E402
 
 from toolkit.envs.babyai import BabyAIEnv  # noqa: E402
 from toolkit.envs.vector import make_env  # noqa: E402
 from toolkit.eval import load_for_eval  # noqa: E402
 
+MOVES = (Actions.left, Actions.right, Actions.forward)
+
+
+def mission_targets(env: BabyAIEnv) -> list:
+    """The cells of the objects the mission can mean ("a red ball" may fit two): empty where the level's
+    instruction names none."""
+    desc = getattr(env._env.instrs, "desc", None)  # the level's instruction: the objects it names, where they are
+    return [] if desc is None else list(desc.obj_poss)
+
 
 def target_in_view(env: BabyAIEnv) -> bool:
     """Whether an object the mission names is in the agent's 7x7 egocentric view now."""
-    desc = getattr(env._env.instrs, "desc", None)  # the level's instruction: the objects it names, where they are
-    return desc is not None and any(env._env.in_view(int(x), int(y)) for x, y in desc.obj_poss)
+    return any(env._env.in_view(int(x), int(y)) for x, y in mission_targets(env))
+
+
+def shortest_path_actions(env: BabyAIEnv) -> set[int] | None:
+    """Which of left, right and forward start a shortest path to facing a mission target, the whole grid known
+    (objects block, as in minigrid): a step where the bot and the policy differ may still have them both on one.
+    None where no target can be reached by turning and moving alone (the bot then moves an object)."""
+    grid, targets = env._env.grid, {(int(x), int(y)) for x, y in mission_targets(env)}
+
+    def successor(state: tuple, action: int) -> tuple | None:
+        x, y, d = state
+        if action != Actions.forward:
+            return x, y, (d + (1 if action == Actions.right else -1)) % 4
+        fx, fy = x + int(DIR_TO_VEC[d][0]), y + int(DIR_TO_VEC[d][1])
+        cell = grid.get(fx, fy)
+        return (fx, fy, d) if cell is None or cell.can_overlap() else None
+
+    def distance(start: tuple) -> float:
+        frontier, seen = [start], {start}
+        for depth in range(grid.width * grid.height * 4):
+            if any((x + int(DIR_TO_VEC[d][0]), y + int(DIR_TO_VEC[d][1])) in targets for x, y, d in frontier):
+                return depth
+            frontier = [n for st in frontier for a in MOVES if (n := successor(st, a)) is not None and n not in seen]
+            seen.update(frontier)
+            if not frontier:
+                break
+        return float("inf")
+
+    (x, y), d = env._env.agent_pos, env._env.agent_dir
+    after = {a: distance(n) if (n := successor((int(x), int(y), int(d)), a)) is not None else float("inf")
+             for a in MOVES}
+    best = min(after.values())
+    return None if best == float("inf") else {int(a) for a, v in after.items() if v == best}
 
 
 def pose(env: BabyAIEnv) -> tuple:
@@ -64,15 +107,19 @@ def sampled_action(policy, obs: dict, generator: torch.Generator) -> int:
 
 def teacher_forced(policy, env: BabyAIEnv, seed: int) -> list[dict]:
     """One episode in which the bot acts; per step the policy's cross-entropy on the bot's action (``ce``), whether
-    its most likely action is the bot's (``agrees``), the step, whether the target is in view, the bot's action."""
+    its most likely action is the bot's (``agrees``), the step, whether the target is in view, how many objects the
+    mission can mean (``targets``), the bot's action, the actions that start a shortest path (``shortest``) and
+    whether the policy's most likely action is one of them (``policy_shortest``)."""
     obs, _ = env.reset(seed=seed)
     policy.reset()
     rows = []
     while True:
         expert = int(env.expert_action()[0])
         logp = action_logits(policy, policy_batch(env, obs)).log_softmax(-1)
+        shortest = shortest_path_actions(env)
         rows.append({"ce": -float(logp[expert]), "agrees": int(logp.argmax()) == expert, "step": len(rows),
-                     "in_view": target_in_view(env), "bot": Actions(expert).name})
+                     "in_view": target_in_view(env), "targets": len(mission_targets(env)), "bot": Actions(expert).name,
+                     "shortest": shortest, "policy_shortest": shortest is not None and int(logp.argmax()) in shortest})
         obs, _, terminated, truncated, _ = env.step(np.array([expert]))
         if terminated or truncated:
             return rows
@@ -87,14 +134,19 @@ def describe_teacher_forced(checkpoint: str, episodes: int, seed: int) -> list[s
     groups: dict[str, list[dict]] = {"all steps": rows}
     for row in rows:
         for name in (f"step {row['step']}" if row["step"] < 6 else "step 6+", f"target in view: {row['in_view']}",
+                     f"objects the mission can mean: {min(row['targets'], 2)}{'+' * (row['targets'] >= 2)}",
                      f"bot: {row['bot']}"):
             groups.setdefault(name, []).append(row)
     lines = [f"### {checkpoint} (teacher-forced: the bot acts, {episodes} episodes)", "",
-             "| steps | count | cross-entropy on the bot's action | most likely action = the bot's |",
-             "|---|---|---|---|"]
+             "| steps | count | cross-entropy on the bot's action | most likely action = the bot's | "
+             "on a shortest path: the bot's action / the most likely (steps with one) |",
+             "|---|---|---|---|---|"]
     for name, members in sorted(groups.items(), key=lambda g: (g[0].split(":")[0] != "all steps", g[0])):
         ce, agrees = np.mean([r["ce"] for r in members]), np.mean([r["agrees"] for r in members])
-        lines.append(f"| {name} | {len(members)} | {ce:.3f} | {agrees:.1%} |")
+        paths = [r for r in members if r["shortest"] is not None]
+        on_path = "-" if not paths else (f"{np.mean([Actions[r['bot']] in r['shortest'] for r in paths]):.1%} / "
+                                         f"{np.mean([r['policy_shortest'] for r in paths]):.1%} ({len(paths)})")
+        lines.append(f"| {name} | {len(members)} | {ce:.3f} | {agrees:.1%} | {on_path} |")
     return lines + [""]
 
 

@@ -371,7 +371,7 @@ def test_teacher_forced_replay_scores_the_policy_on_the_bots_own_episodes(tmp_pa
     import h5py
     from minigrid.core.actions import Actions
 
-    from babyai_failures import teacher_forced
+    from babyai_failures import mission_targets, shortest_path_actions, teacher_forced
     from conftest import run_train
     from toolkit.envs.vector import make_env
     from toolkit.eval import load_for_eval
@@ -389,4 +389,20 @@ def test_teacher_forced_replay_scores_the_policy_on_the_bots_own_episodes(tmp_pa
             assert [r["step"] for r in rows] == list(range(len(rows)))
             for r in rows:  # the most likely action has probability >= 1/7
                 assert r["ce"] >= 0 and (not r["agrees"] or r["ce"] <= np.log(7) + 1e-5)
+            # the mission's targets are every object of its colour and type in the room, counted from the grid
+            env.reset(seed=int(demo.attrs["seed"]))
+            mission = env.instruction()
+            targets = mission_targets(env)
+            objects = [env._env.grid.get(int(x), int(y)) for x, y in targets]
+            kinds = {(o.color, o.type) for o in objects}
+            assert len(kinds) == 1 and all(word in mission for word in next(iter(kinds)))
+            color, kind = next(iter(kinds))
+            grid = [o for o in env._env.grid.grid if o is not None and (o.color, o.type) == (color, kind)]
+            assert len(targets) == len(grid) == rows[0]["targets"] >= 1
+            # following shortest-path actions faces a target, in no more steps than the bot (which explores)
+            steps, done, reward = 0, False, 0.0
+            while not done:
+                _, reward, terminated, truncated, _ = env.step(np.array([min(shortest_path_actions(env))]))
+                steps, done = steps + 1, terminated or truncated
+            assert reward > 0 and steps <= len(rows)
     env.close()
