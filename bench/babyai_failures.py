@@ -11,7 +11,8 @@ samples of the policy's categorical instead (seeded per episode): whether random
 cross-entropy on the bot's action and how often its most likely action is the bot's, by step of the episode, by
 whether the target is in view, by how many objects the mission can mean and by the bot's action (where the
 validation loss comes from); and how often the bot's action and the policy's most likely one start a shortest path
-to facing a target, the whole grid known (a disagreement between two shortest paths is a tie, not an error).
+to facing a target, the whole grid known (a disagreement between two shortest paths is a tie, not an error); and
+whether its moves off the target's shortest paths head for another object (the wrong object) more than chance.
 
     python bench/babyai_failures.py CKPT [CKPT ...] [--episodes 200] [--seed 1000000] [--sample | --teacher-forced]
 """
@@ -49,11 +50,20 @@ def target_in_view(env: BabyAIEnv) -> bool:
     return any(env._env.in_view(int(x), int(y)) for x, y in mission_targets(env))
 
 
-def shortest_path_actions(env: BabyAIEnv) -> set[int] | None:
-    """Which of left, right and forward start a shortest path to facing a mission target, the whole grid known
-    (objects block, as in minigrid): a step where the bot and the policy differ may still have them both on one.
-    None where no target can be reached by turning and moving alone (the bot then moves an object)."""
-    grid, targets = env._env.grid, {(int(x), int(y)) for x, y in mission_targets(env)}
+def other_objects(env: BabyAIEnv) -> list:
+    """The cells of the objects (not walls or doors) the mission cannot mean."""
+    targets = {(int(x), int(y)) for x, y in mission_targets(env)}
+    return [(i % env._env.grid.width, i // env._env.grid.width) for i, o in enumerate(env._env.grid.grid)
+            if o is not None and o.type not in ("wall", "door")
+            and (i % env._env.grid.width, i // env._env.grid.width) not in targets]
+
+
+def shortest_path_actions(env: BabyAIEnv, cells: list | None = None) -> set[int] | None:
+    """Which of left, right and forward start a shortest path to facing a mission target (or one of ``cells``), the
+    whole grid known (objects block, as in minigrid): a step where the bot and the policy differ may still have them
+    both on one. None where no target can be reached by turning and moving alone (the bot then moves an object)."""
+    grid = env._env.grid
+    targets = {(int(x), int(y)) for x, y in (mission_targets(env) if cells is None else cells)}
 
     def successor(state: tuple, action: int) -> tuple | None:
         x, y, d = state
@@ -109,17 +119,25 @@ def teacher_forced(policy, env: BabyAIEnv, seed: int) -> list[dict]:
     """One episode in which the bot acts; per step the policy's cross-entropy on the bot's action (``ce``), whether
     its most likely action is the bot's (``agrees``), the step, whether the target is in view, how many objects the
     mission can mean (``targets``), the bot's action, the actions that start a shortest path (``shortest``) and
-    whether the policy's most likely action is one of them (``policy_shortest``)."""
+    whether the policy's most likely action is one of them (``policy_shortest``); where it is not, whether it starts a
+    shortest path to another object (``off_toward_other``) and the chance level of that (``chance_toward_other``)."""
     obs, _ = env.reset(seed=seed)
     policy.reset()
     rows = []
     while True:
         expert = int(env.expert_action()[0])
         logp = action_logits(policy, policy_batch(env, obs)).log_softmax(-1)
-        shortest = shortest_path_actions(env)
+        shortest, policy_action = shortest_path_actions(env), int(logp.argmax())
+        # where the policy's move is off every shortest path to the target: whether it starts one to another object,
+        # and the share of all such off-path moves that do (the chance level: a room holds up to 8 objects)
+        off = None if shortest is None else [int(a) for a in MOVES if int(a) not in shortest]
+        others = [shortest_path_actions(env, [cell]) or set() for cell in other_objects(env)] if off else []
+        toward = [a for a in (off or []) if any(a in actions for actions in others)]
         rows.append({"ce": -float(logp[expert]), "agrees": int(logp.argmax()) == expert, "step": len(rows),
                      "in_view": target_in_view(env), "targets": len(mission_targets(env)), "bot": Actions(expert).name,
-                     "shortest": shortest, "policy_shortest": shortest is not None and int(logp.argmax()) in shortest})
+                     "shortest": shortest, "policy_shortest": shortest is not None and policy_action in shortest,
+                     "off_toward_other": policy_action in toward if off and policy_action in off else None,
+                     "chance_toward_other": len(toward) / len(off) if off and policy_action in off else None})
         obs, _, terminated, truncated, _ = env.step(np.array([expert]))
         if terminated or truncated:
             return rows
@@ -147,6 +165,12 @@ def describe_teacher_forced(checkpoint: str, episodes: int, seed: int) -> list[s
         on_path = "-" if not paths else (f"{np.mean([Actions[r['bot']] in r['shortest'] for r in paths]):.1%} / "
                                          f"{np.mean([r['policy_shortest'] for r in paths]):.1%} ({len(paths)})")
         lines.append(f"| {name} | {len(members)} | {ce:.3f} | {agrees:.1%} | {on_path} |")
+    off = [r for r in rows if r["in_view"] and r["off_toward_other"] is not None]
+    if off:
+        lines += ["", f"With a target in view, the most likely action is off every shortest path to it at {len(off)} "
+                  f"steps; at {np.mean([r['off_toward_other'] for r in off]):.1%} of them it starts a shortest path to "
+                  f"another object (a move off the target's paths at random: "
+                  f"{np.mean([r['chance_toward_other'] for r in off]):.1%})."]
     return lines + [""]
 
 

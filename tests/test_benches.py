@@ -389,6 +389,10 @@ def test_teacher_forced_replay_scores_the_policy_on_the_bots_own_episodes(tmp_pa
             assert [r["step"] for r in rows] == list(range(len(rows)))
             for r in rows:  # the most likely action has probability >= 1/7
                 assert r["ce"] >= 0 and (not r["agrees"] or r["ce"] <= np.log(7) + 1e-5)
+                # a move off the target's shortest paths is scored against the share of such moves that head elsewhere
+                if r["off_toward_other"] is not None:
+                    assert not r["policy_shortest"] and 0 <= r["chance_toward_other"] <= 1
+                    assert r["chance_toward_other"] > 0 or not r["off_toward_other"]
             # the mission's targets are every object of its colour and type in the room, counted from the grid
             env.reset(seed=int(demo.attrs["seed"]))
             mission = env.instruction()
