@@ -42,20 +42,19 @@ def mission_targets(env: BabyAIEnv) -> list:
     """The cells of the objects the mission can mean ("a red ball" may fit two): empty where the level's
     instruction names none."""
     desc = getattr(env._env.instrs, "desc", None)  # the level's instruction: the objects it names, where they are
-    return [] if desc is None else list(desc.obj_poss)
+    return [] if desc is None else [(int(x), int(y)) for x, y in desc.obj_poss]
 
 
 def target_in_view(env: BabyAIEnv) -> bool:
     """Whether an object the mission names is in the agent's 7x7 egocentric view now."""
-    return any(env._env.in_view(int(x), int(y)) for x, y in mission_targets(env))
+    return any(env._env.in_view(x, y) for x, y in mission_targets(env))
 
 
 def other_objects(env: BabyAIEnv) -> list:
     """The cells of the objects (not walls or doors) the mission cannot mean."""
-    targets = {(int(x), int(y)) for x, y in mission_targets(env)}
-    return [(i % env._env.grid.width, i // env._env.grid.width) for i, o in enumerate(env._env.grid.grid)
-            if o is not None and o.type not in ("wall", "door")
-            and (i % env._env.grid.width, i // env._env.grid.width) not in targets]
+    grid, targets = env._env.grid, set(mission_targets(env))
+    return [(x, y) for y in range(grid.height) for x in range(grid.width)
+            if (o := grid.get(x, y)) is not None and o.type not in ("wall", "door") and (x, y) not in targets]
 
 
 def shortest_path_actions(env: BabyAIEnv, cells: list | None = None) -> set[int] | None:
@@ -63,20 +62,23 @@ def shortest_path_actions(env: BabyAIEnv, cells: list | None = None) -> set[int]
     whole grid known (objects block, as in minigrid): a step where the bot and the policy differ may still have them
     both on one. None where no target can be reached by turning and moving alone (the bot then moves an object)."""
     grid = env._env.grid
-    targets = {(int(x), int(y)) for x, y in (mission_targets(env) if cells is None else cells)}
+    targets = set(mission_targets(env) if cells is None else cells)
+
+    def front(x: int, y: int, d: int) -> tuple:
+        return x + int(DIR_TO_VEC[d][0]), y + int(DIR_TO_VEC[d][1])
 
     def successor(state: tuple, action: int) -> tuple | None:
         x, y, d = state
         if action != Actions.forward:
             return x, y, (d + (1 if action == Actions.right else -1)) % 4
-        fx, fy = x + int(DIR_TO_VEC[d][0]), y + int(DIR_TO_VEC[d][1])
+        fx, fy = front(x, y, d)
         cell = grid.get(fx, fy)
         return (fx, fy, d) if cell is None or cell.can_overlap() else None
 
     def distance(start: tuple) -> float:
         frontier, seen = [start], {start}
         for depth in range(grid.width * grid.height * 4):
-            if any((x + int(DIR_TO_VEC[d][0]), y + int(DIR_TO_VEC[d][1])) in targets for x, y, d in frontier):
+            if any(front(*state) in targets for state in frontier):
                 return depth
             frontier = [n for st in frontier for a in MOVES if (n := successor(st, a)) is not None and n not in seen]
             seen.update(frontier)
@@ -131,13 +133,14 @@ def teacher_forced(policy, env: BabyAIEnv, seed: int) -> list[dict]:
         # where the policy's move is off every shortest path to the target: whether it starts one to another object,
         # and the share of all such off-path moves that do (the chance level: a room holds up to 8 objects)
         off = None if shortest is None else [int(a) for a in MOVES if int(a) not in shortest]
-        others = [shortest_path_actions(env, [cell]) or set() for cell in other_objects(env)] if off else []
-        toward = [a for a in (off or []) if any(a in actions for actions in others)]
-        rows.append({"ce": -float(logp[expert]), "agrees": int(logp.argmax()) == expert, "step": len(rows),
+        scored = bool(off) and policy_action in off  # only then is the chance level needed: 3 BFS per other object
+        others = [shortest_path_actions(env, [cell]) or set() for cell in other_objects(env)] if scored else []
+        toward = [a for a in off if any(a in actions for actions in others)] if scored else []
+        rows.append({"ce": -float(logp[expert]), "agrees": policy_action == expert, "step": len(rows),
                      "in_view": target_in_view(env), "targets": len(mission_targets(env)), "bot": Actions(expert).name,
                      "shortest": shortest, "policy_shortest": shortest is not None and policy_action in shortest,
-                     "off_toward_other": policy_action in toward if off and policy_action in off else None,
-                     "chance_toward_other": len(toward) / len(off) if off and policy_action in off else None})
+                     "off_toward_other": policy_action in toward if scored else None,
+                     "chance_toward_other": len(toward) / len(off) if scored else None})
         obs, _, terminated, truncated, _ = env.step(np.array([expert]))
         if terminated or truncated:
             return rows
