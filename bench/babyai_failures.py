@@ -106,10 +106,11 @@ def policy_batch(env: BabyAIEnv, obs: dict) -> dict:
 def action_logits(policy, obs: dict) -> torch.Tensor:
     """The BC transformer's action logits ``[num_actions]`` (its first step) for one observation, as ``act`` sees it:
     the observation joins the policy's history window."""
-    hist, _ = policy.observe(obs)
+    hist, is_pad = policy.observe(obs)
     lang = policy._instruction_embedding(obs)
     with torch.no_grad():
-        return policy.eval().forward_head(hist if lang is None else {**hist, "lang": lang})[0, 0]
+        out = policy.eval().forward_head(hist if lang is None else {**hist, "lang": lang}, is_pad)[0]
+    return out[-1] if policy.label_every_step else out[0]  # the window's last step, or the chunk's first action
 
 
 def sampled_action(policy, obs: dict, generator: torch.Generator) -> int:

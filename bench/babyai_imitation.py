@@ -25,7 +25,10 @@ after the datamodule's split, every tenth episode to validation, that many are l
   conditioned on the instruction; ``toolkit.encoders.babyai_film``);
 - ``symbolic_only_film_gru64_words``: as ``symbolic_only_film_gru64`` with the instruction as one-hot words per
   position (``language=babyai_words``), so the FiLM layers learn their word embeddings as the paper's model does,
-  in place of MiniLM's frozen sentence embedding (GoToRedBall's one mission never needed the instruction).
+  in place of MiniLM's frozen sentence embedding (GoToRedBall's one mission never needed the instruction);
+- ``symbolic_only_film_gru64_every_step``: as ``symbolic_only_film_gru64`` trained on whole-episode windows scored at
+  every step (``data.label_every_step=true``, the GRU starting at the episode's first step): a step of batch 64 is
+  then 64 episodes, not 64 labels, for about the same time per step.
 
     python bench/babyai_imitation.py [--root DIR] [--level GoToRedBall] [--train-demos 5000] [--steps 8000]
         [--seeds 0 1 2] [--variants chunk4_shift4 h1_noaug h1_noaug_symbolic h1_noaug_symbolic_hist4 symbolic_only ...] [--episodes 200]
@@ -71,6 +74,9 @@ VARIANTS = {
     "symbolic_only_film_gru64_words": ("as symbolic_only_film_gru64, the instruction as learned word embeddings "
                                        "(language=babyai_words), not MiniLM's sentence embedding",
                                        [*FILM_GRU64, "language=babyai_words"]),
+    "symbolic_only_film_gru64_every_step": ("as symbolic_only_film_gru64, whole-episode windows scored at every step "
+                                            "(data.label_every_step=true; a batch is 64 episodes)",
+                                            [*FILM_GRU64, "data.label_every_step=true"]),
 }
 # BabyAI 1.1 (Hui et al., 2020), imitation from 5,000 bot demos, success in percent (as quoted in issue 16)
 PAPER = {"GoToRedBall": {"train_demos": 5000, "BabyAI 1.0 model": 89.6, "BabyAI 1.1 model": 99.3}}

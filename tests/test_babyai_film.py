@@ -147,3 +147,58 @@ def test_ppo_keeps_the_loaded_view_model_as_its_kl_reference():
         policy.state_encoder.bow.weight.mul_(3.0)
     assert float(policy.compute_loss(batch)["bc_kl"].detach()) > 1e-4
     assert not torch.equal(policy.reference_state_encoder.bow.weight, policy.state_encoder.bow.weight)
+
+
+def test_a_whole_episode_window_scores_each_step_as_that_steps_rollout_window_acts():
+    """policy.label_every_step: the GRU starts at the episode's first step, so the logits a whole-episode training
+    window gives each step equal those the rollout's window (padded differently) gives it, and the loss is the
+    cross-entropy of exactly those logits; reading the padding instead would change them."""
+    from functools import partial
+
+    from test_ppo import state_meta
+    from toolkit.datamodules.windows import window_indices
+    from toolkit.encoders.impala import ImpalaEncoder
+    from toolkit.errors import ToolkitError
+    from toolkit.policies.bc_transformer import BCTransformer
+
+    env = BabyAIEnv("GoToRedBall", image_size=16, symbolic=True)
+    obs, _ = env.reset(seed=5)
+    states, actions = [], []
+    for _ in range(20):
+        states.append(obs["state"])
+        actions.append(env.expert_action())
+        obs, _, terminated, truncated, _ = env.step(actions[-1])
+        if terminated or truncated:
+            break
+    states, actions, n, t = np.stack(states), np.array(actions).reshape(-1), len(states), 24
+    assert n >= 3
+    torch.manual_seed(0)
+    policy = BCTransformer(ImpalaEncoder(image_size=16, channels=(4,), num_blocks=1, out_dim=8),
+                           *state_meta(states.shape[1], 1), optimizer=partial(torch.optim.Adam), history=t, horizon=1,
+                           trunk="gru", d_model=32, num_layers=1, dropout=0.0, augment_shift=0, lang_dim=8,
+                           action_type="discrete", num_actions=7, label_every_step=True,
+                           state_encoder=BabyAIViewFiLM(lang_dim=8, channels=16)).eval()
+    lang = torch.randn(1, 8)
+    obs_idx, obs_pad, _, _ = window_indices(n - 1, n, t, 1)
+    batch = {"obs": {"state": torch.as_tensor(states[obs_idx])[None]}, "obs_is_pad": torch.as_tensor(obs_pad)[None],
+             "lang": lang, "step_action": torch.as_tensor(actions[obs_idx], dtype=torch.float32)[None, :, None],
+             "step_scored": torch.as_tensor(~obs_pad)[None]}
+    with torch.no_grad():
+        whole = policy.forward_head({**batch["obs"], "lang": lang}, batch["obs_is_pad"])[0, t - n:]
+        policy.reset()
+        rollout = torch.stack([_rollout_logits(policy, states[k:k + 1], lang) for k in range(n)])
+        torch.testing.assert_close(whole, rollout)
+        loss = policy.compute_loss(batch)["loss"]
+        torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(rollout, torch.as_tensor(actions).long()))
+        reading_pads = policy.head(policy.trunk(policy.encode_images(batch["obs"]),
+                                                policy.encode_state(batch["obs"], lang), lang))
+        assert not torch.allclose(reading_pads, whole[-1:], atol=1e-4)  # the padding changes a GRU that reads it
+    with pytest.raises(ToolkitError, match="label_every_step"):
+        policy.compute_loss({k: v for k, v in batch.items() if not k.startswith("step_")}
+                            | {"action": batch["step_action"][:, -1:], "action_is_pad": torch.zeros(1, 1, dtype=bool)})
+
+
+def _rollout_logits(policy, state: np.ndarray, lang: torch.Tensor) -> torch.Tensor:
+    """The policy's logits for its window's last step after pushing ``state`` into its rollout history."""
+    hist, is_pad = policy.observe({"state": state})
+    return policy.forward_head({**hist, "lang": lang}, is_pad)[0, -1]

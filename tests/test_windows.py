@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from toolkit.datamodules.episode_file import episode_names
 from toolkit.datamodules.windows import WindowDataset, window_indices
+from toolkit.errors import ToolkitError
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
@@ -165,3 +166,41 @@ def test_epoch_batch_sampler_resumes_mid_epoch_with_the_same_batches(n, batch, e
     assert list(sampler) == full  # the skip applies once
     sampler.skip = (epoch - 1, 1)  # a finished epoch's position does not skip into the next one
     assert list(sampler) == full
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(history=st.integers(1, 14), data=st.data())
+def test_windows_labelled_at_every_step_score_each_step_once_with_its_full_history(tiny_file, history, data):
+    """data.label_every_step: over an epoch every step of every span is scored exactly once, against its own action,
+    and only where its window holds all the history a rollout window at that step holds (back to the span's start,
+    or T real steps)."""
+    with h5py.File(tiny_file) as f:
+        names = episode_names(f)
+        actions = [f["data"][n]["actions"][()] for n in names]
+    bounds = data.draw(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 11), st.integers(1, 12)), min_size=1,
+                                max_size=6).map(lambda spans: [(e, min(a, b - 1), b) for e, a, b in spans]))
+    spans = np.array([[e, a, b, -1, 0, -1] for e, a, b in bounds])
+    ds = WindowDataset(tiny_file, names, ["state"], history=history, horizon=1, spans=spans, label_every_step=True)
+    batch = ds[np.arange(len(ds))]
+    scored = batch["step_scored"].numpy()
+    assert scored[:, -1].all()  # a window's own step always counts
+    counts = np.zeros((len(spans), 12), int)
+    for i in range(len(ds)):
+        s, t = ds.span_of[i], ds.t_of[i]
+        e, a, b = bounds[s]
+        steps = np.arange(t - history + 1, t + 1)
+        for j in np.flatnonzero(scored[i]):
+            step = steps[j]
+            assert a <= step < b
+            assert step - a < history or j == history - 1  # a rollout at `step` sees back to a, or T steps
+            np.testing.assert_array_equal(batch["step_action"][i, j].numpy(), actions[e][step])
+            counts[s, step] += 1
+    for s, (e, a, b) in enumerate(bounds):
+        assert (counts[s, a:b] == 1).all() and counts[s, :a].sum() == counts[s, b:].sum() == 0
+
+
+def test_windows_labelled_at_every_step_need_one_action_per_step(tiny_file):
+    with h5py.File(tiny_file) as f:
+        names = episode_names(f)
+    with pytest.raises(ToolkitError, match="data.horizon=1"):
+        WindowDataset(tiny_file, names, ["state"], history=4, horizon=2, label_every_step=True)

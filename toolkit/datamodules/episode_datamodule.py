@@ -64,12 +64,15 @@ class EpisodeDataModule(L.LightningDataModule):
         chain_seed: int = 0,
         holdout_instructions: list[str] | None = None,
         max_sub_instructions: int | None = None,
+        label_every_step: bool = False,
     ) -> None:
         super().__init__()
         self.path = Path(path)
         self.num_demos, self.history, self.horizon = num_demos, history, horizon
         self.batch_size, self.num_workers = batch_size, num_workers
         self.obs_keys = obs_keys
+        # windows labelled at every step, for policy.label_every_step (see WindowDataset)
+        self.label_every_step = label_every_step
         # read a frozen encoder's cached features instead of pixels (train.py builds the cache)
         self.feature_cache = feature_cache
         # decoder of cameras stored as MP4 sidecars: decord | pyav | torchcodec
@@ -193,7 +196,8 @@ class EpisodeDataModule(L.LightningDataModule):
             raise ToolkitError(f"{self.path}: the policy is language-conditioned but the episodes have no instructions")
         dataset = WindowDataset(self.path, episodes, keys, self.history, self.horizon, self.feature_path,
                                 self.transitions, self.video_backend,
-                                decoded_episodes=2 * self.video_chunk_episodes if chunked else 0, spans=spans, lang=lang)
+                                decoded_episodes=2 * self.video_chunk_episodes if chunked else 0, spans=spans, lang=lang,
+                                label_every_step=self.label_every_step)
         dataset.instructions = instructions  # index i: the instruction of spans with instruction index i
         return dataset
 

@@ -57,12 +57,23 @@ class WindowDataset(Dataset):
     last step. With ``lang`` (``[U, Dl]``, one embedding per instruction index) a sample has its span's
     ``lang``; with transitions, a chained span's last step also has ``bootstrap`` = 1 and
     ``bootstrap_lang``, the instruction whose value replaces its reward (other samples: 0 and zeros).
+
+    With ``label_every_step`` (behaviour cloning of a recurrent policy, ``policy.label_every_step``) a sample is
+    labelled at every step: ``step_action`` ``[T, A]``, the action of each step of the window, and ``step_scored``
+    ``[T]``, the steps to score, each step of a span exactly once per epoch. A span of at most T steps is one window
+    (ending at its last step) scored at all of its steps; a longer one gives a window ending at its T-th step,
+    scored at all T, then one window per later step, scored at its last step only (a step is scored only where its
+    window holds all the history the policy's rollout window holds).
     """
 
     def __init__(self, path: str | Path, episodes: list[str], obs_keys: list[str], history: int, horizon: int,
                  feature_path: str | Path | None = None, transitions: bool = False,
                  video_backend: str = "decord", decoded_episodes: int = 0, spans: np.ndarray | None = None,
-                 lang: np.ndarray | None = None) -> None:
+                 lang: np.ndarray | None = None, label_every_step: bool = False) -> None:
+        if label_every_step and (horizon != 1 or transitions):
+            raise ToolkitError(f"data.label_every_step labels each step with its own action: it needs data.horizon=1 "
+                               f"and behaviour cloning (got horizon={horizon}, transitions={transitions})")
+        self.label_every_step = label_every_step
         self.path, self.obs_keys = Path(path), list(obs_keys)
         self.history, self.horizon = history, horizon
         self.feature_path = Path(feature_path) if feature_path else None
@@ -100,6 +111,10 @@ class WindowDataset(Dataset):
         self.ep_of = self.spans[self.span_of, 0]
         self.t_of = (np.concatenate([np.arange(a, b) for a, b in self.spans[:, 1:3]]) if len(self.spans)
                      else np.zeros(0, np.int64))
+        if label_every_step:  # the windows that end at a span's last step or hold T steps of it
+            first, stop = self.spans[self.span_of, 1], self.spans[self.span_of, 2]
+            keep = (self.t_of - first >= history - 1) | (self.t_of == stop - 1)
+            self.span_of, self.ep_of, self.t_of = self.span_of[keep], self.ep_of[keep], self.t_of[keep]
         self._file = self._features = None
         self._low: dict[str, np.ndarray] | None = None
         self._frames: dict[tuple[int, str], object] = {}
@@ -149,6 +164,11 @@ class WindowDataset(Dataset):
             "action": torch.from_numpy(low["actions"][offset + act_idx]),
             "action_is_pad": torch.from_numpy(act_raw != act_idx),
         }
+        if self.label_every_step:
+            batch["step_action"] = torch.from_numpy(low["actions"][offset + obs_idx])
+            holds_start = obs_raw[:, :1] <= first  # every step's history back to the span's first step
+            last_step = np.arange(self.history) == self.history - 1
+            batch["step_scored"] = torch.from_numpy((obs_raw == obs_idx) & (holds_start | last_step))
         if self.lang is not None:
             batch["lang"] = torch.from_numpy(self.lang[span[:, 3]])
         if self.transitions:

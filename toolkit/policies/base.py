@@ -162,7 +162,9 @@ class PolicyModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         losses = self.compute_loss(batch)
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=len(batch["action"]))
+        # windows labelled at every step: the mean over labels, as with one label per window
+        labels = int(batch["step_scored"].sum()) if "step_scored" in batch else len(batch["action"])
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=labels)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_fn(params=[p for p in self.parameters() if p.requires_grad], lr=self.lr)

@@ -80,7 +80,13 @@ class GRUTrunk(nn.Module):
     """Recurrent memory over the window, as the BabyAI models' LSTM: each step's image features (flattened),
     normalized state and instruction -> Linear + GELU -> a GRU of ``num_layers`` over time; the last step's output
     (layer-normed) ``[B, d_model]``. With a window as long as an episode (``data.history``) the policy remembers
-    the whole episode; in rollouts the GRU re-reads the window every step (no hidden state to carry or reset)."""
+    the whole episode; in rollouts the GRU re-reads the window every step (no hidden state to carry or reset).
+
+    Given ``is_pad`` (``[B, T]``, True on the padded steps that open a window) the GRU starts at the first real step
+    instead of reading the padding: a step's output then depends on the episode so far and not on how much padding
+    the window holds, so every step of a whole-episode window gets the output its own rollout window gets
+    (``all_steps``: ``[B, T, d_model]``, what ``policy.label_every_step`` trains on; padded steps' rows are
+    meaningless)."""
 
     def __init__(self, num_image_tokens: int, image_dim: int, state_dim: int, d_model: int = 128,
                  num_layers: int = 1, dropout: float = 0.0, lang_dim: int | None = None) -> None:
@@ -91,14 +97,33 @@ class GRUTrunk(nn.Module):
         self.gru = nn.GRU(d_model, d_model, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0)
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, image_tokens: torch.Tensor, state: torch.Tensor, lang: torch.Tensor | None = None) -> torch.Tensor:
-        """``image_tokens [B, T, N, D]``, normalized ``state [B, T, Ds]``, ``lang [B, Dl]`` -> ``[B, d_model]``."""
+    def forward(self, image_tokens: torch.Tensor, state: torch.Tensor, lang: torch.Tensor | None = None,
+                is_pad: torch.Tensor | None = None, all_steps: bool = False) -> torch.Tensor:
+        """``image_tokens [B, T, N, D]``, normalized ``state [B, T, Ds]``, ``lang [B, Dl]``, ``is_pad [B, T]`` ->
+        ``[B, d_model]`` (``[B, T, d_model]`` with ``all_steps``)."""
         b, t = state.shape[:2]
         parts = [image_tokens.flatten(2), state]
         if self.lang_dim is not None:
             parts.append(required_lang(lang)[:, None].expand(b, t, -1))
-        out, _ = self.gru(self.step_proj(torch.cat(parts, dim=-1)))
-        return self.norm(out[:, -1])
+        x = self.step_proj(torch.cat(parts, dim=-1))
+        if is_pad is None:
+            out, _ = self.gru(x)
+        else:
+            out = self._from_first_real_step(x, is_pad)
+        return self.norm(out if all_steps else out[:, -1])
+
+    def _from_first_real_step(self, x: torch.Tensor, is_pad: torch.Tensor) -> torch.Tensor:
+        """The GRU over each window's real steps only: the padding (always at the window's start) is rotated to the
+        end and left out by packing, and the outputs rotated back to their steps."""
+        b, t = is_pad.shape
+        pads = is_pad.sum(1)
+        steps = torch.arange(t, device=x.device)
+        to_front = ((steps[None] + pads[:, None]) % t)[..., None].expand(-1, -1, x.shape[-1])
+        packed = nn.utils.rnn.pack_padded_sequence(x.gather(1, to_front), (t - pads).cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        out, _ = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=t)
+        back = ((steps[None] - pads[:, None]) % t)[..., None].expand(-1, -1, out.shape[-1])
+        return out.gather(1, back)
 
 
 def make_trunk(kind: str, num_image_tokens: int, image_dim: int, state_dim: int, history: int, d_model: int,
