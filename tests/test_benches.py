@@ -45,7 +45,8 @@ def test_babyai_imitation_variants_compose_to_the_settings_they_name(tmp_path):
                 "symbolic_only": (1, 0, True, 2, ["state"], "transformer", None),
                 "symbolic_only_gru64": (1, 0, True, 64, ["state"], "gru", None),
                 "symbolic_only_film_gru64": (1, 0, True, 64, ["state"], "gru", film),
-                "symbolic_only_film_gru64_words": (1, 0, True, 64, ["state"], "gru", film)}
+                "symbolic_only_film_gru64_words": (1, 0, True, 64, ["state"], "gru", film),
+                "symbolic_only_film_gru64_every_step": (1, 0, True, 64, ["state"], "gru", film)}
     words = "toolkit.encoders.language.WordPositionEncoder"
     assert set(VARIANTS) == set(expected)
     for variant, (horizon, shift, symbolic, history, obs_keys, trunk, state_encoder) in expected.items():
@@ -61,6 +62,7 @@ def test_babyai_imitation_variants_compose_to_the_settings_they_name(tmp_path):
         assert cfg.trainer.max_steps == 8000 and cfg.callbacks.rollout.num_episodes == 200
         assert cfg.policy._target_.endswith("BCTransformer")
         assert (cfg.language._target_ == words) == variant.endswith("_words")
+        assert cfg.data.label_every_step == cfg.policy.label_every_step == variant.endswith("_every_step")
 
 
 @pytest.mark.parametrize("level", ["GoToRedBall", "GoToLocal", "PutNextLocal"])
@@ -410,3 +412,20 @@ def test_teacher_forced_replay_scores_the_policy_on_the_bots_own_episodes(tmp_pa
                 steps, done = steps + 1, terminated or truncated
             assert reward > 0 and steps <= len(rows)
     env.close()
+
+
+@pytest.mark.parametrize("history", [5, 12, 64])
+def test_babyai_update_speed_counts_the_labels_the_windows_score(tiny_file, history):
+    """bench/babyai_update_speed.py's labels per window (from episode lengths) are the steps the datamodule's
+    training windows score with data.label_every_step, per window."""
+    import h5py
+    from babyai_update_speed import labels_per_window
+
+    from toolkit.datamodules.episode_file import episode_names, split_masks
+    from toolkit.datamodules.windows import WindowDataset
+
+    with h5py.File(tiny_file) as f:
+        train = split_masks(episode_names(f))["train"]
+    windows = WindowDataset(tiny_file, train, ["state"], history=history, horizon=1, label_every_step=True)
+    scored = windows[np.arange(len(windows))]["step_scored"].sum().item()
+    assert labels_per_window(tiny_file, 3, history) == pytest.approx(scored / len(windows))
