@@ -64,6 +64,8 @@ class BCTransformer(PolicyModule):
         if not self.label_every_step:
             z = self.trunk(*inputs)
             return self.head(z).view(len(z), self.horizon, self.out_per_step)
+        if obs_is_pad is None:  # the GRU would read the padding: each step's output would depend on it
+            raise ToolkitError("policy.label_every_step needs the window's obs_is_pad")
         z = self.trunk(*inputs, is_pad=obs_is_pad, all_steps=True)
         return self.head(z)
 
