@@ -92,9 +92,11 @@ def test_the_view_model_names_what_it_needs():
                       optimizer=partial(torch.optim.Adam), state_encoder=model)
 
 
-def test_train_py_trains_a_babyai_policy_on_the_view_model_and_its_checkpoint_acts(tmp_path):
-    """state_encoder=babyai_film end to end: train.py on collected symbolic demos (no pixels, a GRU), the checkpoint
-    rebuilt by load_policy acts in the env as the trained module did, and init_from carries the view model."""
+@pytest.mark.parametrize("every_step", [False, True])
+def test_train_py_trains_a_babyai_policy_on_the_view_model_and_its_checkpoint_acts(tmp_path, every_step):
+    """state_encoder=babyai_film end to end: train.py on collected symbolic demos (no pixels, a GRU; with
+    data.label_every_step, whole-episode windows), the checkpoint rebuilt by load_policy acts in the env as the
+    trained module did and keeps how it was trained, and init_from carries the view model."""
     from hydra import compose, initialize_config_dir
 
     from conftest import ROOT
@@ -104,10 +106,11 @@ def test_train_py_trains_a_babyai_policy_on_the_view_model_and_its_checkpoint_ac
     run_train("env=babyai", "env.level=GoToRedBall", "env.image_size=16", "env.symbolic=true", "data.num_demos=3",
               "data.obs_keys=[state]", "policy.trunk=gru", "data.history=8", "state_encoder=babyai_film",
               "policy.state_encoder.channels=16", "trainer.max_steps=3", "callbacks.rollout=null",
-              "callbacks.best_checkpoint=null", root=tmp_path)
+              "callbacks.best_checkpoint=null", f"data.label_every_step={str(every_step).lower()}", root=tmp_path)
     (ckpt,) = Path(tmp_path, "logs", "debug", "runs").glob("*/checkpoints/last.ckpt")
     policy = load_policy(ckpt)
     assert isinstance(policy.state_encoder, BabyAIViewFiLM) and policy.state_encoder.films
+    assert policy.label_every_step == every_step  # the GRU reads or skips the padding as it did in training
     assert sum(p.numel() for p in policy.state_encoder.parameters()) > 0
     env = BabyAIEnv("GoToRedBall", image_size=16, symbolic=True)
     obs, _ = env.reset(seed=1_000_000)
