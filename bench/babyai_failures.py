@@ -109,8 +109,7 @@ def action_logits(policy, obs: dict) -> torch.Tensor:
     hist, is_pad = policy.observe(obs)
     lang = policy._instruction_embedding(obs)
     with torch.no_grad():
-        out = policy.eval().forward_head(hist if lang is None else {**hist, "lang": lang}, is_pad)[0]
-    return out[-1] if policy.label_every_step else out[0]  # the window's last step, or the chunk's first action
+        return policy.eval().acting_head(hist if lang is None else {**hist, "lang": lang}, is_pad)[0, 0]
 
 
 def sampled_action(policy, obs: dict, generator: torch.Generator) -> int:

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from babyai_imitation import num_demos_for  # noqa: E402
@@ -30,13 +29,15 @@ HISTORY = 64  # experiment=babyai_film's window
 
 def labels_per_window(data_file: Path, num_demos: int, history: int = HISTORY) -> float:
     """Mean scored steps per window with ``label_every_step``, over the file's first ``num_demos`` episodes' training
-    split (``split_masks``: episodes 1, 11, 21, ... validate)."""
-    from toolkit.datamodules.episode_file import episode_length, episode_names, split_masks
+    split (``split_masks``: episodes 1, 11, 21, ... validate): every step is scored once, so the training steps over
+    the number of windows the datamodule's ``WindowDataset`` makes of them."""
+    from toolkit.datamodules.episode_file import episode_names, split_masks
+    from toolkit.datamodules.windows import WindowDataset
 
     with h5py.File(data_file, "r") as f:
-        lengths = np.array([episode_length(f, n) for n in split_masks(episode_names(f)[:num_demos])["train"]])
-    windows = np.where(lengths <= history, 1, lengths - history + 1)
-    return float(lengths.sum() / windows.sum())
+        train = split_masks(episode_names(f)[:num_demos])["train"]
+    windows = WindowDataset(data_file, train, ["state"], history, 1, label_every_step=True)
+    return sum(windows.lengths) / len(windows)
 
 
 def main() -> None:

@@ -69,10 +69,14 @@ class BCTransformer(PolicyModule):
         z = self.trunk(*inputs, is_pad=obs_is_pad, all_steps=True)
         return self.head(z)
 
-    def predict(self, obs: dict[str, torch.Tensor], obs_is_pad: torch.Tensor) -> torch.Tensor:
+    def acting_head(self, obs: dict[str, torch.Tensor], obs_is_pad: torch.Tensor) -> torch.Tensor:
+        """What the policy acts on at the window's last step: ``[B, H, A]`` normalized actions or logits (with
+        ``label_every_step``, H = 1: the last step's of the window's outputs)."""
         out = self.forward_head(obs, obs_is_pad)
-        if self.label_every_step:
-            out = out[:, -1:]  # the window's last step is the one to act on
+        return out[:, -1:] if self.label_every_step else out
+
+    def predict(self, obs: dict[str, torch.Tensor], obs_is_pad: torch.Tensor) -> torch.Tensor:
+        out = self.acting_head(obs, obs_is_pad)
         return out.argmax(-1, keepdim=True).float() if self.discrete else out
 
     def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -115,7 +115,7 @@ class GRUTrunk(nn.Module):
     def _from_first_real_step(self, x: torch.Tensor, is_pad: torch.Tensor) -> torch.Tensor:
         """The GRU over each window's real steps only: the padding (always at the window's start) is rotated to the
         end and left out by packing, and the outputs rotated back to their steps."""
-        b, t = is_pad.shape
+        t = is_pad.shape[1]
         pads = is_pad.sum(1)
         steps = torch.arange(t, device=x.device)
         to_front = ((steps[None] + pads[:, None]) % t)[..., None].expand(-1, -1, x.shape[-1])
