@@ -28,7 +28,8 @@ after the datamodule's split, every tenth episode to validation, that many are l
   in place of MiniLM's frozen sentence embedding (GoToRedBall's one mission never needed the instruction);
 - ``symbolic_only_film_gru64_every_step``: as ``symbolic_only_film_gru64`` trained on whole-episode windows scored at
   every step (``data.label_every_step=true``, the GRU starting at the episode's first step): a step of batch 64 is
-  then 64 episodes, not 64 labels, for about the same time per step.
+  then 64 episodes, not 64 labels, for about the same time per step (``experiment=babyai_film``, run with
+  ``--steps 1000``).
 
     python bench/babyai_imitation.py [--root DIR] [--level GoToRedBall] [--train-demos 5000] [--steps 8000]
         [--seeds 0 1 2] [--variants chunk4_shift4 h1_noaug h1_noaug_symbolic h1_noaug_symbolic_hist4 symbolic_only ...] [--episodes 200]
@@ -52,7 +53,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from online_finetune import ROOT, fmt, last, run, write_table  # noqa: E402
 
-# the 99.5% recipe (experiment=babyai_film), which the words variant changes in its instruction only
+# the 99.5% recipe with one label per window (experiment=babyai_film data.label_every_step=false, 4,000 steps),
+# which the words variant changes in its instruction only and the every_step variant in its windows (the experiment)
 FILM_GRU64 = ["data.horizon=1", "policy.augment_shift=0", "env.symbolic=true", "data.obs_keys=[state]",
               "policy.trunk=gru", "data.history=64", "state_encoder=babyai_film"]
 VARIANTS = {

@@ -67,21 +67,27 @@ def test_babyai_imitation_variants_compose_to_the_settings_they_name(tmp_path):
 
 @pytest.mark.parametrize("level", ["GoToRedBall", "GoToLocal", "PutNextLocal"])
 def test_the_babyai_film_experiment_is_the_benchs_film_variant(level):
-    """``experiment=babyai_film env.level=<level>`` trains what the README's FiLM rows ran (bench variant
-    symbolic_only_film_gru64 with ``--level``): 5,000 training demos, 4,000 steps, 200 unseen episodes."""
+    """``experiment=babyai_film env.level=<level>`` trains what the README's FiLM rows ran: bench variant
+    symbolic_only_film_gru64_every_step (5,000 training demos, 1,000 steps, 200 unseen episodes), and with
+    ``data.label_every_step=false`` and 4,000 steps variant symbolic_only_film_gru64, one label per window."""
     from babyai_imitation import overrides
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    one_label = ["data.label_every_step=false", "trainer.max_steps=4000", "trainer.val_check_interval=2000"]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        bench = compose("train", overrides=overrides(level, 5000, 4000, 200, "symbolic_only_film_gru64", 0))
+        bench = compose("train", overrides=overrides(level, 5000, 1000, 200, "symbolic_only_film_gru64_every_step", 0))
         experiment = compose("train", overrides=["experiment=babyai_film", f"env.level={level}"])
+        bench_one = compose("train", overrides=overrides(level, 5000, 4000, 200, "symbolic_only_film_gru64", 0))
+        experiment_one = compose("train", overrides=["experiment=babyai_film", f"env.level={level}", *one_label])
         linear = compose("train", overrides=["experiment=babyai_film", f"env.level={level}", "~state_encoder"])
     for group in ("env", "data", "policy", "trainer"):
         assert experiment[group] == bench[group], group
+        assert experiment_one[group] == bench_one[group], group
     assert experiment.callbacks.rollout == bench.callbacks.rollout
     assert bench.env.level == level and bench.data.num_demos == 5556 and bench.data.history == 64
+    assert experiment.policy.label_every_step is True and experiment_one.policy.label_every_step is False
     # the README's way back to the recipe without the view model (Hydra refuses state_encoder=null here)
     assert linear.policy.state_encoder is None and linear.data == experiment.data
 
