@@ -100,6 +100,7 @@ def test_train_py_trains_a_babyai_policy_on_the_view_model_and_its_checkpoint_ac
     from hydra import compose, initialize_config_dir
 
     from conftest import ROOT
+    from toolkit.errors import ToolkitError
     from toolkit.policies.base import load_policy
     from toolkit.policies.init_from import adopt_checkpoint_config, read_init_checkpoint
 
@@ -123,6 +124,19 @@ def test_train_py_trains_a_babyai_policy_on_the_view_model_and_its_checkpoint_ac
                                           f"init_from={ckpt}"])
     adopt_checkpoint_config(cfg, read_init_checkpoint(ckpt), None, ckpt)
     assert cfg.policy.state_encoder._target_.endswith("BabyAIViewFiLM") and cfg.policy.state_encoder.channels == 16
+    assert cfg.policy.label_every_step == every_step  # PPO's GRU then skips the padding as BC's did
+    if every_step:  # online IQL's trunk reads the padded window: it would not act as the checkpoint does
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+            cfg = compose("train", overrides=["env=babyai", "env.level=GoToRedBall", "env.symbolic=true",
+                                              "policy=iql_online", f"init_from={ckpt}"])
+        with pytest.raises(ToolkitError, match=f"init_from={ckpt} was trained with policy.label_every_step=true"):
+            adopt_checkpoint_config(cfg, read_init_checkpoint(ckpt), None, ckpt)
+        run_train("env=babyai", "env.level=GoToRedBall", "env.image_size=16", "env.symbolic=true", "policy=ppo",
+                  f"init_from={ckpt}", "data.num_envs=2", "policy.n_steps=8", "data.batch_size=8",
+                  "policy.n_epochs=1", "trainer.max_steps=2", "callbacks.rollout=null", "callbacks.best_checkpoint=null",
+                  root=tmp_path / "ppo")
+        (tuned,) = Path(tmp_path, "ppo", "logs", "debug", "runs").glob("*/checkpoints/last.ckpt")
+        assert load_policy(tuned).label_every_step
 
 
 def test_ppo_keeps_the_loaded_view_model_as_its_kl_reference():
@@ -201,7 +215,61 @@ def test_a_whole_episode_window_scores_each_step_as_that_steps_rollout_window_ac
                             | {"action": batch["step_action"][:, -1:], "action_is_pad": torch.zeros(1, 1, dtype=bool)})
 
 
-def _rollout_logits(policy, state: np.ndarray, lang: torch.Tensor) -> torch.Tensor:
+def test_ppo_on_a_whole_episode_bc_policy_acts_and_values_as_its_rollout_windows_do():
+    """PPO started from a BC policy trained with label_every_step: the distribution it samples from in training
+    rollouts is the BC policy's, step after step of a real episode, and the value of the next observation
+    (GAE's bootstrap) is the value of the window that observation then gets; a GRU reading the padding differs."""
+    from functools import partial
+
+    from test_ppo import state_meta
+    from toolkit.encoders.impala import ImpalaEncoder
+    from toolkit.errors import ToolkitError
+    from toolkit.policies.bc_transformer import BCTransformer
+    from toolkit.policies.ppo import PPO
+
+    env = BabyAIEnv("GoToRedBall", image_size=16, symbolic=True)
+    obs, _ = env.reset(seed=5)
+    kwargs = dict(optimizer=partial(torch.optim.Adam), history=12, horizon=1, trunk="gru", d_model=32, num_layers=1,
+                  augment_shift=0, lang_dim=None, action_type="discrete", num_actions=7, label_every_step=True)
+    torch.manual_seed(0)
+    bc = BCTransformer(ImpalaEncoder(image_size=16, channels=(4,), num_blocks=1, out_dim=8),
+                       *state_meta(len(obs["state"]), 1), dropout=0.0,
+                       state_encoder=BabyAIViewFiLM(lang_dim=None, channels=16), **kwargs).eval()
+    ppo = PPO(ImpalaEncoder(image_size=16, channels=(4,), num_blocks=1, out_dim=8), *state_meta(len(obs["state"]), 1),
+              state_encoder=BabyAIViewFiLM(lang_dim=None, channels=16), **kwargs)
+    ppo.load_state_dict(bc.state_dict(), strict=False)  # as init_from loads the actor; the critic stays fresh
+    ppo.eval()
+    bc.reset()
+    ppo.reset()
+    fresh = np.ones(1, bool)
+    with torch.no_grad():
+        for steps in range(1, 13):
+            batch = {"state": obs["state"][None]}
+            expected = _rollout_logits(bc, batch["state"], None).softmax(-1)
+            bootstrap = None if ppo._hist is None else ppo._value_of(batch, np.ones(1, bool))  # obs not pushed yet
+            step = {}
+            ppo._sample(batch, fresh, step)
+            dist, value = ppo.distribution_and_value(step["obs"])
+            torch.testing.assert_close(dist.probs[0], expected)
+            if bootstrap is not None:
+                torch.testing.assert_close(bootstrap, value)
+            fresh = np.zeros(1, bool)
+            obs, _, terminated, truncated, _ = env.step(env.expert_action())
+            if terminated or truncated:
+                break
+        assert steps >= 3
+        # an env whose episode has just started: its window is that observation alone
+        restart = {"state": env.reset(seed=6)[0]["state"][None]}
+        bootstrap = ppo._value_of(restart, np.ones(1, bool), np.ones(1, bool))
+        ppo._sample(restart, np.ones(1, bool), step)
+        torch.testing.assert_close(bootstrap, ppo.distribution_and_value(step["obs"])[1])
+        with pytest.raises(ToolkitError, match="obs_is_pad"):
+            ppo.distribution_and_value({k: v for k, v in step["obs"].items() if k != "obs_is_pad"})
+        ppo.label_every_step = False  # the GRU reads the window's padding: another policy
+        assert not torch.allclose(ppo.distribution_and_value(step["obs"])[0].probs[0], expected, atol=1e-4)
+
+
+def _rollout_logits(policy, state: np.ndarray, lang: torch.Tensor | None) -> torch.Tensor:
     """The policy's logits for its window's last step after pushing ``state`` into its rollout history."""
     hist, is_pad = policy.observe({"state": state})
     return policy.forward_head({**hist, "lang": lang}, is_pad)[0, -1]

@@ -17,7 +17,8 @@ from toolkit.errors import ToolkitError
 
 # policy fields that shape the actor's weights (taken from the checkpoint)
 ARCHITECTURE = ("history", "horizon", "trunk", "d_model", "num_layers", "num_heads", "loss", "lang_dim",
-                "action_type", "num_actions", "blank_images", "hidden_dim", "actor_head", "state_encoder")
+                "action_type", "num_actions", "blank_images", "hidden_dim", "actor_head", "state_encoder",
+                "label_every_step")
 
 
 def read_init_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -60,6 +61,11 @@ def adopt_checkpoint_config(cfg: DictConfig, ckpt: dict[str, Any], spec, path: s
     if not getattr(get_class(cfg.policy._target_), "online", False):
         raise ToolkitError(f"init_from is for online fine-tuning (policy=ppo, ppo_flare, iql_online), not "
                            f"{cfg.policy._target_}; to continue a run use ckpt_path=<its last.ckpt> or resume=true")
+    if source["policy"].get("label_every_step") and "label_every_step" not in cfg.policy:
+        raise ToolkitError(f"init_from={path} was trained with policy.label_every_step=true (its GRU starts at each "
+                           f"episode's first step) and {cfg.policy._target_} reads the whole padded window, so it "
+                           f"would not act as the checkpoint does: start from it with policy=ppo, or from a BC "
+                           f"checkpoint trained with data.label_every_step=false")
     with open_dict(cfg):
         cfg.encoder = OmegaConf.create(source["encoder"])
         if source.get("language") is not None:

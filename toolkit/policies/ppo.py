@@ -7,7 +7,9 @@ own trunk and value head (``separate_critic``, FLaRe) or a value head on the act
 cycle collects ``n_steps`` steps of every env with the current policy (``online_batches``), computes GAE
 advantages, and yields ``n_epochs`` passes of shuffled minibatches of ``batch_size`` to ``training_step``
 (``trainer.max_steps`` counts these minibatch updates). Rollout windows hold cached encoder features when
-the encoder is frozen, so neither acting nor updating re-encodes a frame.
+the encoder is frozen, so neither acting nor updating re-encodes a frame. A GRU actor trained with
+``label_every_step`` (init_from adopts it) starts at each episode's first step, as its BC training did: the windows
+then carry ``obs_is_pad``.
 """
 
 from __future__ import annotations
@@ -104,10 +106,21 @@ class PPO(BCTransformer):
         """The distribution, V and the trunk inputs (encoder tokens, normalized state, instruction)."""
         tokens = self.encode_images(obs)  # shared by actor and critic (features, or a fine-tuned encoder)
         inputs = (tokens, self.encode_state(obs, obs.get("lang")), obs.get("lang"))
-        z = self.trunk(*inputs)
+        pad = self.trunk_padding(obs)
+        z = self.trunk(*inputs, **pad)
         dist = self._distribution(self.head(z), None if self.discrete else self.log_std)
-        value = self.value_head(self.critic_trunk(*inputs) if self.critic_trunk is not None else z)
+        value = self.value_head(self.critic_trunk(*inputs, **pad) if self.critic_trunk is not None else z)
         return dist, value.squeeze(-1), inputs
+
+    def trunk_padding(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The GRU trunks' ``is_pad`` where the actor was trained to skip a window's padding (``label_every_step``),
+        so the loaded BC policy acts as it did there; nothing otherwise (the trunk reads the whole window)."""
+        if not self.label_every_step:
+            return {}
+        if "obs_is_pad" not in obs:
+            raise ToolkitError("PPO with policy.label_every_step needs each window's obs_is_pad (the GRU starts at "
+                               "the episode's first step)")
+        return {"is_pad": obs["obs_is_pad"]}
 
     def _distribution(self, head_out: torch.Tensor, log_std: torch.Tensor | None) -> torch.distributions.Distribution:
         first = head_out.view(len(head_out), self.horizon, self.out_per_step)[:, 0]  # BC's chunk: its first action
@@ -179,8 +192,8 @@ class PPO(BCTransformer):
                 if self.reference_state_encoder is not None:  # eval: its batch norm as loaded, not this batch's
                     state = self.reference_state_encoder.eval()(batch["obs"]["state"], inputs[2])
                     inputs = (inputs[0], state, inputs[2])
-                reference = self._distribution(self.reference_head(self.reference_trunk(*inputs)),
-                                               None if self.discrete else self.reference_log_std)
+                z = self.reference_trunk(*inputs, **self.trunk_padding(batch["obs"]))
+                reference = self._distribution(self.reference_head(z), None if self.discrete else self.reference_log_std)
             bc_kl = kl_divergence(dist, reference)
             extra["bc_kl"] = (bc_kl if self.discrete else bc_kl.sum(-1)).mean()
             actor_loss = actor_loss + self.bc_kl_coef * extra["bc_kl"]
@@ -216,8 +229,10 @@ class PPO(BCTransformer):
         if fresh.any():
             self.reset(fresh)
         lang = self._instruction_embedding(obs)
-        hist, _ = self.observe(obs)  # observe() replaces the history tensors, never writes into them
+        hist, is_pad = self.observe(obs)  # observe() replaces the history tensors, never writes into them
         window = {**hist, "lang": lang} if lang is not None else dict(hist)
+        if self.label_every_step:
+            window["obs_is_pad"] = is_pad
         dist, value = self.distribution_and_value(window)
         check = (dist.logits.sum() if self.discrete else dist.mean.sum() + dist.stddev.sum()) + value.sum()
         if not torch.isfinite(check):  # one reduction and one sync per step: NaN or inf anywhere shows in the sum
@@ -244,6 +259,9 @@ class PPO(BCTransformer):
             window[k] = torch.where(new.view(-1, *[1] * (rolled.dim() - 1)), v[:, None].expand_as(rolled), rolled)
         if self.language_conditioned:
             window["lang"] = self._instruction_embedding({"instruction": obs["instruction"][mask]})
+        if self.label_every_step:  # one more real step than the history holds, one in all after a reset
+            seen = torch.where(new, 1, self._seen[idx] + 1)
+            window["obs_is_pad"] = torch.arange(self.history, device=self.device)[None] < (self.history - seen[:, None])
         return self.distribution_and_value(window)[1]
 
     def online_batches(self, stepper) -> Iterator[dict[str, Any]]:
