@@ -263,6 +263,10 @@ def test_ppo_on_a_whole_episode_bc_policy_acts_and_values_as_its_rollout_windows
         bootstrap = ppo._value_of(restart, np.ones(1, bool), np.ones(1, bool))
         ppo._sample(restart, np.ones(1, bool), step)
         torch.testing.assert_close(bootstrap, ppo.distribution_and_value(step["obs"])[1])
+        ppo.deterministic_eval = False  # evaluation rollouts that sample: the same distribution
+        ppo.reset()
+        sampled = ppo.act(restart)
+        assert sampled.shape == (1, 1) and 0 <= sampled[0, 0] < 7
         with pytest.raises(ToolkitError, match="obs_is_pad"):
             ppo.distribution_and_value({k: v for k, v in step["obs"].items() if k != "obs_is_pad"})
         ppo.label_every_step = False  # the GRU reads the window's padding: another policy

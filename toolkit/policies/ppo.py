@@ -161,7 +161,7 @@ class PPO(BCTransformer):
         (``deterministic_eval=False``), as ``[B, 1, A]`` normalized actions or ``[B, 1, 1]`` indices."""
         if self.deterministic_eval:
             return super().predict(obs, obs_is_pad)
-        dist, _ = self.distribution_and_value(obs)
+        dist, _ = self.distribution_and_value({**obs, "obs_is_pad": obs_is_pad})
         if self.discrete:
             return torch.multinomial(dist.probs, 1, generator=self.eval_generator()).float()[:, None]
         noise = torch.randn(dist.mean.shape, generator=self.eval_generator(), device=self.device)
