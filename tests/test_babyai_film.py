@@ -273,6 +273,54 @@ def test_ppo_on_a_whole_episode_bc_policy_acts_and_values_as_its_rollout_windows
         assert not torch.allclose(ppo.distribution_and_value(step["obs"])[0].probs[0], expected, atol=1e-4)
 
 
+def test_an_evaluation_encodes_each_state_once_and_acts_as_the_whole_window_does():
+    """Rollouts (run_rollouts: the weights are fixed) keep each step's view-model features: the episodes, and every
+    step's logits, equal those of the same policy re-encoding its whole window at every step, while each env step
+    encodes one state instead of a window's; the batch norm is read in eval mode, never updated by a rollout."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    from test_ppo import state_meta
+    from toolkit.encoders.impala import ImpalaEncoder
+    from toolkit.encoders.language import WordPositionEncoder
+    from toolkit.envs.rollout import run_rollouts
+    from toolkit.envs.vector import make_vector_env
+    from toolkit.policies.bc_transformer import BCTransformer
+
+    language = WordPositionEncoder(max_words=8)
+    envs = make_vector_env({"_target_": "toolkit.envs.babyai.BabyAIEnv", "level": "GoToLocal", "image_size": 16,
+                            "symbolic": True, "max_episode_steps": 20}, 2, processes=False)
+    torch.manual_seed(0)
+    policy = BCTransformer(ImpalaEncoder(image_size=16, channels=(4,), num_blocks=1, out_dim=8),
+                           *state_meta(envs.single_observation_space["state"].shape[0], 1),
+                           optimizer=partial(torch.optim.Adam), history=8, horizon=1, trunk="gru", d_model=32,
+                           num_layers=1, dropout=0.0, augment_shift=0, lang_dim=language.out_dim,
+                           action_type="discrete", num_actions=7, label_every_step=True,
+                           state_encoder=BabyAIViewFiLM(lang_dim=language.out_dim, channels=16))
+    policy.language = language
+    encoded, logits = [], []
+    policy.state_encoder.register_forward_hook(lambda m, args, out: encoded.append(args[0].shape[0] * args[0].shape[1]))
+    policy.head.register_forward_hook(lambda m, args, out: logits.append(out[:, -1]))
+    batch_norm = policy.state_encoder.convs[1].running_mean.clone()
+
+    runs = {}
+    for name, rolling in (("cached", policy), ("whole window", SimpleNamespace(reset=policy.reset, act=policy.act))):
+        encoded.clear(), logits.clear()
+        res = run_rollouts(rolling, envs, num_episodes=4, seed=1_000_000)
+        runs[name] = {"res": res, "encoded": sum(encoded), "logits": torch.cat(logits)}
+        if rolling is policy:  # no cached feature outlives the rollouts
+            assert policy._hist is None and not policy._caching_state_features
+    envs.close()
+    cached, whole = runs["cached"], runs["whole window"]
+    assert cached["res"]["length"].max() > 8  # windows rolled past the history
+    for key in ("success", "length", "return"):
+        np.testing.assert_array_equal(cached["res"][key], whole["res"][key])
+    torch.testing.assert_close(cached["logits"], whole["logits"], atol=1e-5, rtol=1e-5)
+    assert cached["encoded"] == cached["logits"].shape[0]  # one state per env and step
+    assert whole["encoded"] > 3 * cached["encoded"]
+    torch.testing.assert_close(policy.state_encoder.convs[1].running_mean, batch_norm)
+
+
 def _rollout_logits(policy, state: np.ndarray, lang: torch.Tensor | None) -> torch.Tensor:
     """The policy's logits for its window's last step after pushing ``state`` into its rollout history."""
     hist, is_pad = policy.observe({"state": state})

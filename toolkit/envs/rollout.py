@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -70,44 +71,47 @@ def run_rollouts(policy: Any, envs, num_episodes: int, seed: int | Sequence[int]
         return obs
 
     finished = np.zeros(num_episodes, bool)
-    try:
-        first = np.arange(n) < min(n, num_episodes)
-        policy.reset()
-        obs = start(first, None)
-        if not first.all():  # fewer episodes than envs: the spare envs run a discarded episode (a vector env steps all)
-            obs = reset_some(envs, ~first, [seed_of(0)] * int((~first).sum()), obs)
-        active = first.copy()
-        while active.any():
-            for i in np.flatnonzero(active):
-                if episode_of[i] in frames and camera_key:
-                    frames[episode_of[i]].append(obs[camera_key][i])
-            obs, reward, terminated, truncated, info = envs.step(policy.act({**obs, "instruction": instructions}))
-            steps += int(active.sum())
-            for i in np.flatnonzero(active):
-                k = episode_of[i]
-                results["return"][k] += reward[i]
-                results["length"][k] += 1
-                results["success"][k] |= bool(info["success"][i])
-            ended = active & (terminated | truncated)
-            finished[episode_of[ended]] = True
-            if goals is not None:  # the goals of the states reached (an ended env's come with its reset)
-                goals.update(~(terminated | truncated), info)
-                instructions[:] = goals.texts()
-            for i in np.flatnonzero(ended):
-                if episode_of[i] in frames and camera_key:
-                    frames[episode_of[i]].append(obs[camera_key][i])
-            if ended.any() and "achievements" in info:  # Crafter: what each finished episode unlocked
-                names, unlocked = achievement_flags(info["achievements"])
-                if results.get("achievements") is None:
-                    results["achievements"] = names
-                    results["unlocked"] = np.zeros((num_episodes, len(names)), bool)
-                results["unlocked"][episode_of[ended]] = unlocked[ended]
-            restart = ended & (np.cumsum(ended) <= num_episodes - next_episode)
-            active &= ~(ended & ~restart)
-            if restart.any():
-                obs = start(restart, obs)
-    except WORKER_DIED:
-        raise SimulatorCrash(results, finished, next_episode, episode_of.copy()) from None
+    # the weights stay fixed for the whole run: a policy may keep its per-step features (fixed_weight_rollouts)
+    with getattr(policy, "fixed_weight_rollouts", nullcontext)():
+        try:
+            first = np.arange(n) < min(n, num_episodes)
+            policy.reset()
+            obs = start(first, None)
+            # fewer episodes than envs: the spare envs run a discarded episode (a vector env steps all)
+            if not first.all():
+                obs = reset_some(envs, ~first, [seed_of(0)] * int((~first).sum()), obs)
+            active = first.copy()
+            while active.any():
+                for i in np.flatnonzero(active):
+                    if episode_of[i] in frames and camera_key:
+                        frames[episode_of[i]].append(obs[camera_key][i])
+                obs, reward, terminated, truncated, info = envs.step(policy.act({**obs, "instruction": instructions}))
+                steps += int(active.sum())
+                for i in np.flatnonzero(active):
+                    k = episode_of[i]
+                    results["return"][k] += reward[i]
+                    results["length"][k] += 1
+                    results["success"][k] |= bool(info["success"][i])
+                ended = active & (terminated | truncated)
+                finished[episode_of[ended]] = True
+                if goals is not None:  # the goals of the states reached (an ended env's come with its reset)
+                    goals.update(~(terminated | truncated), info)
+                    instructions[:] = goals.texts()
+                for i in np.flatnonzero(ended):
+                    if episode_of[i] in frames and camera_key:
+                        frames[episode_of[i]].append(obs[camera_key][i])
+                if ended.any() and "achievements" in info:  # Crafter: what each finished episode unlocked
+                    names, unlocked = achievement_flags(info["achievements"])
+                    if results.get("achievements") is None:
+                        results["achievements"] = names
+                        results["unlocked"] = np.zeros((num_episodes, len(names)), bool)
+                    results["unlocked"][episode_of[ended]] = unlocked[ended]
+                restart = ended & (np.cumsum(ended) <= num_episodes - next_episode)
+                active &= ~(ended & ~restart)
+                if restart.any():
+                    obs = start(restart, obs)
+        except WORKER_DIED:
+            raise SimulatorCrash(results, finished, next_episode, episode_of.copy()) from None
     results["frames"] = [np.stack(f) for f in frames.values() if f]
     results["steps_per_s"] = steps / (time.perf_counter() - t0)
     return results

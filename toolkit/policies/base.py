@@ -8,9 +8,10 @@ dataset pads windows.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import numpy as np
@@ -79,6 +80,7 @@ class PolicyModule(L.LightningModule):
         self.register_buffer("action_high", torch.tensor(stats["actions"]["max"], dtype=torch.float32))
         self._hist: dict[str, torch.Tensor] | None = None
         self._seen: torch.Tensor | None = None
+        self._caching_state_features = False  # inside fixed_weight_rollouts()
         self.toolkit_cfg: dict | None = None  # the run's resolved config, stored in checkpoints
         # Embeds rollout instructions for a language-conditioned policy (set by train.py / load_policy). Not a
         # submodule: its frozen weights stay out of checkpoints, which name it in toolkit_cfg["language"].
@@ -123,6 +125,8 @@ class PolicyModule(L.LightningModule):
         encoder's features of the raw state (one-hots stay one-hots) and the instruction."""
         if self.state_encoder is None:
             return self.state_norm.normalize(obs["state"])
+        if "state_features" in obs:  # a rollout's cached features (fixed_weight_rollouts)
+            return obs["state_features"]
         return self.state_encoder(obs["state"], lang)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -202,15 +206,32 @@ class PolicyModule(L.LightningModule):
         features every time): a step encodes one frame per camera, not the T frames of its history."""
         return bool(getattr(self.encoder, "frozen", False)) and not self.blank_images
 
+    @contextmanager
+    def fixed_weight_rollouts(self) -> Iterator[None]:
+        """Rollouts during which the weights do not change (an evaluation): ``act`` keeps each step's
+        state-encoder features (``state_encoder=``, e.g. BabyAI's FiLM view model) in the history instead of
+        encoding the T states of the window again at every step. The histories start anew on entry and exit,
+        so no cached feature outlives the weights that computed it."""
+        self.reset()
+        self._caching_state_features = self.state_encoder is not None
+        try:
+            yield
+        finally:
+            self._caching_state_features = False
+            self.reset()
+
     @torch.no_grad()
-    def step_inputs(self, obs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def step_inputs(self, obs: dict[str, Any], lang: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One step of E envs' observations as the policy's inputs: ``state`` ``[E, Ds]`` and per camera
-        ``rgb_*`` uint8 ``[E, C, H, W]``, or ``rgb_*_features`` ``[E, N, D]`` when features are cached."""
+        ``rgb_*`` uint8 ``[E, C, H, W]``, or ``rgb_*_features`` ``[E, N, D]`` when features are cached; inside
+        ``fixed_weight_rollouts`` also ``state_features`` ``[E, Df]``, the state encoder's (of ``lang``)."""
         x = {"state": torch.as_tensor(np.asarray(obs["state"]), device=self.device).float()}
         if x["state"].shape[-1] != self.state_dim:
             raise ToolkitError(f"the env gives a state of size {x['state'].shape[-1]}, this policy was trained on "
                                f"{self.state_dim}: build the env as the training run did (BabyAI: the same "
                                f"env.symbolic)")
+        if self._caching_state_features:
+            x["state_features"] = self.state_encoder(x["state"][:, None], lang)[:, 0]
         for k in self.rgb_keys:
             frames = torch.as_tensor(np.asarray(obs[k]), device=self.device).permute(0, 3, 1, 2)  # HWC -> CHW
             if self.caches_features():
@@ -219,11 +240,12 @@ class PolicyModule(L.LightningModule):
                 x[k] = frames
         return x
 
-    def observe(self, obs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def observe(self, obs: dict[str, Any], lang: torch.Tensor | None = None
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Push E envs' current observations into their histories; returns the windows ``[E, T, ...]`` and
         ``is_pad`` ``[E, T]``. A fresh episode (after ``reset``) fills its whole history with its first
         frame, as the dataset pads windows."""
-        x = self.step_inputs(obs)
+        x = self.step_inputs(obs, lang)
         n = len(x["state"])
         if self._hist is None or len(self._seen) != n:
             self._hist = {k: v[:, None].repeat_interleave(self.history, 1) for k, v in x.items()}
@@ -246,9 +268,9 @@ class PolicyModule(L.LightningModule):
         language-conditioned policy also takes ``obs["instruction"]`` (one string per env) or
         ``obs["lang"]`` (embeddings ``[E, Dl]``)."""
         lang = self._instruction_embedding(obs)
-        hist, is_pad = self.observe(obs)
         was_training = self.training
-        self.eval()
+        self.eval()  # before observe(): cached state features come from the eval-mode encoder (batch norm)
+        hist, is_pad = self.observe(obs, lang)
         predicted = self.predict(hist if lang is None else {**hist, "lang": lang}, is_pad)[:, 0]
         self.train(was_training)
         if getattr(self, "discrete", False):  # action indices [E, 1], as stored in episode files
