@@ -259,8 +259,12 @@ class PolicyModule(L.LightningModule):
             rolled = torch.cat([self._hist[k][:, 1:], v[:, None]], dim=1)
             self._hist[k] = torch.where(fresh.view(-1, *[1] * (rolled.dim() - 1)), v[:, None].expand_as(rolled), rolled)
         self._seen += 1
-        is_pad = torch.arange(self.history, device=self.device)[None] < (self.history - self._seen[:, None])
-        return self._hist, is_pad
+        return self._hist, self.window_padding(self._seen)
+
+    def window_padding(self, seen: torch.Tensor) -> torch.Tensor:
+        """``is_pad`` ``[E, T]`` of rollout windows whose episodes have ``seen`` ``[E]`` steps so far (the padding
+        comes first, as in the dataset's windows)."""
+        return torch.arange(self.history, device=self.device)[None] < (self.history - seen[:, None])
 
     @torch.no_grad()
     def act(self, obs: dict[str, Any]) -> np.ndarray:

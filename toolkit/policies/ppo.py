@@ -260,8 +260,7 @@ class PPO(BCTransformer):
         if self.language_conditioned:
             window["lang"] = self._instruction_embedding({"instruction": obs["instruction"][mask]})
         if self.label_every_step:  # one more real step than the history holds, one in all after a reset
-            seen = torch.where(new, 1, self._seen[idx] + 1)
-            window["obs_is_pad"] = torch.arange(self.history, device=self.device)[None] < (self.history - seen[:, None])
+            window["obs_is_pad"] = self.window_padding(torch.where(new, 1, self._seen[idx] + 1))
         return self.distribution_and_value(window)[1]
 
     def online_batches(self, stepper) -> Iterator[dict[str, Any]]:
